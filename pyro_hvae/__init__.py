@@ -1,0 +1,65 @@
+"""pyro-hvae: deep hierarchical VAEs as Pyro programs.
+
+The public API: the hierarchies, the building blocks they are made of (for writing
+hierarchies of your own), the training objective and the evaluation functions.
+"""
+
+from pyro_hvae.infer.elbo import HierarchicalELBO, site_kl
+from pyro_hvae.infer.iw import get_traces, log_likelihood
+from pyro_hvae.latents import (
+    IAF,
+    ConditionalNormal,
+    IndependentNormal,
+    ResidualNormal,
+    diagonal_normal,
+    residual_normal,
+    residual_normal_kl,
+)
+from pyro_hvae.likelihoods import Bernoulli, Categorical, Likelihood, LogisticMixture, bits_per_dim
+from pyro_hvae.models import (
+    BottomUpGuide,
+    BottomUpPath,
+    BottomUpVAE,
+    HierarchicalVAE,
+    LadderGuide,
+    LadderVAE,
+    TopDownModel,
+    latent_site,
+    register_params,
+)
+from pyro_hvae.nn import MLP, BatchNorm, FeatureNet, bounded, cat_features
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IAF",
+    "MLP",
+    "BatchNorm",
+    "Bernoulli",
+    "BottomUpGuide",
+    "BottomUpPath",
+    "BottomUpVAE",
+    "Categorical",
+    "ConditionalNormal",
+    "FeatureNet",
+    "HierarchicalELBO",
+    "HierarchicalVAE",
+    "IndependentNormal",
+    "LadderGuide",
+    "LadderVAE",
+    "Likelihood",
+    "LogisticMixture",
+    "ResidualNormal",
+    "TopDownModel",
+    "bits_per_dim",
+    "bounded",
+    "cat_features",
+    "diagonal_normal",
+    "get_traces",
+    "latent_site",
+    "log_likelihood",
+    "register_params",
+    "residual_normal",
+    "residual_normal_kl",
+    "site_kl",
+]

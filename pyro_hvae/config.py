@@ -1,0 +1,659 @@
+"""Run configuration: the pydantic schema of every option, and YAML loading.
+
+The :class:`Config` schema below is the single place where options and their
+defaults are defined; the CLI, the training loop and the documentation all read
+it. A run is described by a YAML file whose top-level keys are the sections of
+:class:`Config`, optionally modified on the command line by dotted overrides::
+
+    pyro-hvae train examples/mnist.yaml optim.lr=3e-4 model.latent_dims=[32,16,8]
+
+:func:`load_config` reads the file, applies the overrides and validates the
+result. Problems are collected and raised together as one :class:`ConfigError`
+whose lines each name the offending option (as a dotted path) and where its
+value came from (the file, an override, or the defaults).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "ARCHITECTURE_FIELDS",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "architecture_changes",
+    "dump_config",
+    "load_config",
+    "parse_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with every problem found.
+
+    ``errors`` holds one line per problem, each of the form
+    ``"<dotted.path>: <message> (from <source>)"`` (or a single line naming the
+    file when the file itself cannot be read); ``str(error)`` joins them with
+    newlines so they can be printed as they are.
+    """
+
+    def __init__(self, errors: Sequence[str]):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+# ---------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------
+
+_CONFLICT = "config_conflict"
+
+
+def _conflict(fields: Sequence[str], message: str) -> PydanticCustomError:
+    """An error for options that are valid alone but not together.
+
+    ``fields`` are dotted paths relative to the model that raises it, the first
+    being the one the error is reported under; the error's source is that of
+    every listed field that was set explicitly.
+    """
+    return PydanticCustomError(_CONFLICT, message, {"fields": list(fields)})
+
+
+class _Section(BaseModel):
+    """Base of every configuration section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    """Which images to train on, where they live, and how pixels are binarized."""
+
+    dataset: Literal["mnist", "fashion_mnist", "cifar10"] = Field(
+        "mnist",
+        description="Image data set, read with torchvision: 28x28 grey MNIST or "
+        "Fashion-MNIST, or 32x32 colour CIFAR-10.",
+    )
+    root: Optional[Path] = Field(
+        None,
+        description="Folder holding the torchvision data folders (MNIST/raw/, "
+        "FashionMNIST/raw/, cifar-10-batches-py/); a relative path is taken from "
+        "the working directory. Unset: $PYRO_HVAE_DATA if set, else the user "
+        "cache folder (~/.cache/pyro-hvae/data on Linux, honouring $XDG_CACHE_HOME).",
+    )
+    download: bool = Field(
+        True,
+        description="Download the data set into `root` when its files are missing "
+        "(needs network access).",
+    )
+    binarize: Literal["dynamic", "threshold", "none"] = Field(
+        "dynamic",
+        description="Pixel convention. 'dynamic': training images are fresh "
+        "Bernoulli(intensity) draws every time they are used, validation and test "
+        "images are drawn once (see binarize_seed); 'threshold': pixel = 1 where "
+        "intensity > threshold; 'none': 8-bit grey levels k/255 (required for "
+        "cifar10 and for the categorical and logistic_mixture likelihoods).",
+    )
+    binarize_seed: int = Field(
+        0,
+        description="Seed of the one-off Bernoulli draws that binarize the "
+        "validation and test images under binarize: dynamic (each split gets its "
+        "own seed derived from it), so that held-out NLLs are reproducible and "
+        "comparable between runs.",
+    )
+    threshold: float = Field(
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="Intensity cut-off in [0, 1) for binarize: threshold.",
+    )
+    val_size: NonNegativeInt = Field(
+        500,
+        description="Number of training images held out as the validation set "
+        "(used for evaluation during training and early stopping; never the test "
+        "set). Must be smaller than the training set, which is checked when the "
+        "data is loaded.",
+    )
+    split_seed: int = Field(
+        0, description="Seed of the random choice of validation images."
+    )
+    batch_size: PositiveInt = Field(128, description="Training minibatch size.")
+    eval_batch_size: PositiveInt = Field(
+        500, description="Batch size for validation passes during training."
+    )
+    num_workers: NonNegativeInt = Field(
+        0,
+        description="Worker processes when the datasets are read through a torch "
+        "DataLoader; the in-memory batch loader needs none.",
+    )
+
+    @model_validator(mode="after")
+    def _colour_images_are_not_binarized(self) -> "DataConfig":
+        if self.dataset == "cifar10" and self.binarize != "none":
+            raise _conflict(
+                ["binarize", "dataset"],
+                f"data.dataset 'cifar10' holds 8-bit colour images and cannot be "
+                f"binarized (data.binarize is '{self.binarize}'): set data.binarize: "
+                f"none, with model.likelihood: logistic_mixture or categorical",
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    """Architecture of the hierarchical VAE (all of it fixed once a run starts)."""
+
+    kind: Literal["ladder", "bottom_up"] = Field(
+        "ladder",
+        description="'ladder': top-down inference that shares the generative path "
+        "with the posterior (as in 'Ladder Variational Autoencoders'); "
+        "'bottom_up': each latent layer is inferred from the one below it only.",
+    )
+    latent_dims: list[PositiveInt] = Field(
+        default_factory=lambda: [64, 32, 16, 8, 4],
+        min_length=1,
+        description="Size of each stochastic layer, z_1 (next to x) first and the "
+        "top layer z_L last; one entry gives a single-layer VAE.",
+    )
+    hidden_dims: list[PositiveInt] = Field(
+        default_factory=lambda: [512, 256],
+        min_length=1,
+        description="Widths of the hidden layers of every deterministic MLP block.",
+    )
+    posterior: Literal["residual", "independent"] = Field(
+        "residual",
+        description="'residual': each posterior is parameterised relative to the "
+        "prior of its layer (as in 'NVAE: A Deep Hierarchical Variational "
+        "Autoencoder'); 'independent': posterior mean and scale predicted directly.",
+    )
+    flows: NonNegativeInt = Field(
+        0,
+        description="Inverse autoregressive flow steps applied to each posterior "
+        "sample (0 = Gaussian posteriors).",
+    )
+    batch_norm: bool = Field(
+        True, description="Batch normalisation in the deterministic MLP blocks."
+    )
+    likelihood: Literal["bernoulli", "categorical", "logistic_mixture"] = Field(
+        "bernoulli",
+        description="Pixel likelihood p(x|z_1): 'bernoulli' for binarized images; "
+        "'categorical' (num_levels classes) or 'logistic_mixture' (discretized "
+        "mixture of num_mixtures logistics) for grey levels, data.binarize: none.",
+    )
+    num_levels: int = Field(
+        256, ge=2, description="Number of pixel values of the categorical likelihood."
+    )
+    num_mixtures: int = Field(
+        5, ge=1, description="Mixture components of the logistic_mixture likelihood."
+    )
+    activation: Literal["elu", "relu", "tanh", "silu"] = Field(
+        "elu", description="Nonlinearity of the deterministic MLP blocks."
+    )
+
+
+class TrainConfig(_Section):
+    """Objective, schedule, stabilisation and bookkeeping of training."""
+
+    steps: PositiveInt = Field(20000, description="Number of optimiser steps.")
+    elbo: Literal["analytic", "monte_carlo"] = Field(
+        "analytic",
+        description="KL terms of the ELBO computed in closed form where possible "
+        "('analytic') or estimated from the posterior samples ('monte_carlo').",
+    )
+    num_particles: PositiveInt = Field(
+        1, description="Posterior samples per data point in the training ELBO."
+    )
+    kl_warmup_steps: NonNegativeInt = Field(
+        0,
+        description="Steps over which the weight of the KL terms rises linearly "
+        "from 0 to 1 (0 = full weight from the start).",
+    )
+    free_bits: NonNegativeFloat = Field(
+        0.0,
+        description="Minimum KL in nats per latent layer below which its KL term "
+        "is not penalised (0 = off).",
+    )
+    grad_clip: Optional[PositiveFloat] = Field(
+        200.0, description="Clip the global gradient norm to this value (null = off)."
+    )
+    skip_factor: Optional[PositiveFloat] = Field(
+        10.0,
+        description="Skip an update whose gradient norm is non-finite or larger "
+        "than skip_factor times its running median (null = never skip).",
+    )
+    ema_decay: Optional[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
+        None,
+        description="Decay in (0, 1) of an exponential moving average of the "
+        "parameters used for evaluation (null = evaluate the raw parameters).",
+    )
+    log_every: PositiveInt = Field(50, description="Steps between log lines.")
+    eval_every: PositiveInt = Field(
+        1000, description="Steps between evaluations on the validation set."
+    )
+    val_num_samples: NonNegativeInt = Field(
+        0,
+        description="Importance samples K of a cheap importance-weighted bound on "
+        "the validation set at each evaluation (0 = ELBO only).",
+    )
+    early_stopping_patience: Optional[PositiveInt] = Field(
+        None,
+        description="Stop after this many evaluations without a validation "
+        "improvement (null = train for all steps).",
+    )
+    checkpoint_every: PositiveInt = Field(
+        1000, description="Steps between checkpoints of the run."
+    )
+
+
+class OptimConfig(_Section):
+    """Optimiser and learning-rate schedule."""
+
+    name: Literal["adam", "adamax", "adamw"] = Field(
+        "adamax", description="Optimiser (torch.optim.Adam, Adamax or AdamW)."
+    )
+    lr: PositiveFloat = Field(2e-3, description="Peak learning rate.")
+    weight_decay: NonNegativeFloat = Field(0.0, description="Weight decay.")
+    betas: tuple[
+        Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]
+    ] = Field((0.9, 0.999), description="Moment decay rates of the optimiser.")
+    warmup_steps: NonNegativeInt = Field(
+        100, description="Steps of linear learning-rate warm-up from 0 to lr."
+    )
+    min_lr: NonNegativeFloat = Field(
+        1e-4,
+        description="Learning rate reached at the last step: after warm-up the "
+        "rate follows a cosine decay from lr to min_lr over train.steps.",
+    )
+
+
+class EvalConfig(_Section):
+    """Importance-weighted evaluation by `pyro-hvae evaluate`."""
+
+    num_samples: PositiveInt = Field(
+        1000,
+        description="Importance samples K per image of the log-likelihood estimate.",
+    )
+    chunk_size: Optional[PositiveInt] = Field(
+        None,
+        description="Importance samples drawn per forward pass, bounding memory "
+        "(null = all K at once).",
+    )
+    batch_size: PositiveInt = Field(100, description="Images per evaluation batch.")
+    split: Literal["test", "val"] = Field(
+        "test", description="Held-out split to evaluate."
+    )
+
+
+class Config(_Section):
+    """Everything that defines a run."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+    name: str = Field(
+        "run",
+        pattern=r"^[\w.-]+$",
+        description="Prefix of the run folder name (letters, digits, '_', '-', '.').",
+    )
+    seed: int = Field(
+        0,
+        description="Seed of parameter initialisation, sampling and batch order.",
+    )
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "auto", description="Torch device; 'auto' picks cuda when it is available."
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="Data options.")
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="Architecture options."
+    )
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="Training options."
+    )
+    optim: OptimConfig = Field(
+        default_factory=OptimConfig, description="Optimiser options."
+    )
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig, description="Evaluation options."
+    )
+
+    @model_validator(mode="after")
+    def _likelihood_fits_pixels(self) -> "Config":
+        likelihood, binarize = self.model.likelihood, self.data.binarize
+        if likelihood == "bernoulli" and binarize == "none":
+            raise _conflict(
+                ["model.likelihood", "data.binarize"],
+                "model.likelihood 'bernoulli' needs binary pixels but data.binarize "
+                "is 'none': choose model.likelihood: logistic_mixture or categorical "
+                "for grey levels, or set data.binarize: dynamic or threshold",
+            )
+        if likelihood != "bernoulli" and binarize != "none":
+            raise _conflict(
+                ["data.binarize", "model.likelihood"],
+                f"model.likelihood '{likelihood}' models 8-bit grey levels but "
+                f"data.binarize is '{binarize}': set data.binarize: none, or use "
+                f"model.likelihood: bernoulli for binarized pixels",
+            )
+        return self
+
+
+#: Dotted names of the options that fix the shapes of the model's parameters; a
+#: resumed run may not change them.
+ARCHITECTURE_FIELDS: tuple[str, ...] = (
+    "data.dataset",
+    *(f"model.{name}" for name in ModelConfig.model_fields),
+)
+
+
+def architecture_changes(old: Config, new: Config) -> list[str]:
+    """Dotted names from :data:`ARCHITECTURE_FIELDS` whose values differ."""
+
+    def value(cfg: Config, dotted: str) -> Any:
+        section, name = dotted.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    return [f for f in ARCHITECTURE_FIELDS if value(old, f) != value(new, f)]
+
+
+# ---------------------------------------------------------------------------
+# YAML
+# ---------------------------------------------------------------------------
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+
+# YAML 1.1 (PyYAML) only reads a float when it has a dot, so `3e-4` would be the
+# string "3e-4"; this pattern also accepts exponents without a dot or sign.
+_FLOAT_PATTERN = re.compile(
+    r"""^[-+]?(?:
+        [0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+      | \.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+      | [0-9][0-9_]*[eE][-+]?[0-9]+
+      | \.(?:inf|Inf|INF)
+      | \.(?:nan|NaN|NAN)
+    )$""",
+    re.X,
+)
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML loader whose floats include `1e-3`, `3E-4`, `1.5e3` and `.5`."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != _FLOAT_TAG]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+_Loader.add_implicit_resolver(_FLOAT_TAG, _FLOAT_PATTERN, list("-+0123456789."))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A one-line description of a YAML syntax error."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + " ".join(problem.split())
+
+
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML dumper writing sections as blocks and lists inline (``[64, 32]``)."""
+
+
+_Dumper.add_representer(
+    list,
+    lambda dumper, value: dumper.represent_sequence(
+        "tag:yaml.org,2002:seq", value, flow_style=True
+    ),
+)
+
+
+def dump_config(cfg: Config) -> str:
+    """The configuration as YAML text that :func:`load_config` reads back equal."""
+    return yaml.dump(cfg.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------
+# Overrides
+# ---------------------------------------------------------------------------
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _parse_item(item: str) -> tuple[tuple[str, ...], Any]:
+    """Split one ``KEY=VALUE`` override into its key path and YAML value."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep:
+        raise ValueError(
+            f"override '{item}' is not KEY=VALUE (e.g. optim.lr=3e-4 or "
+            f"model.latent_dims=[32,16,8])"
+        )
+    if not _KEY.match(key):
+        raise ValueError(
+            f"override '{item}': '{key}' is not a dotted option name like optim.lr"
+        )
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ValueError(
+            f"override '{item}': value is not valid YAML ({_yaml_problem(err)})"
+        ) from None
+    return tuple(key.split(".")), value
+
+
+def _parse_items(items: Sequence[str]) -> list[tuple[tuple[str, ...], Any, str]]:
+    """Parse every override, raising one ConfigError listing all malformed ones."""
+    parsed, errors = [], []
+    for item in items:
+        try:
+            path, value = _parse_item(item)
+        except ValueError as err:
+            errors.append(str(err))
+        else:
+            parsed.append((path, value, item))
+    if errors:
+        raise ConfigError(errors)
+    return parsed
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    """Set ``tree[path]``, creating (or replacing non-mapping) parents.
+
+    A mapping value is merged into an existing mapping rather than replacing
+    it, so ``model={kind: bottom_up}`` keeps the other model options.
+    """
+    for key in path[:-1]:
+        if not isinstance(tree.get(key), dict):
+            tree[key] = {}
+        tree = tree[key]
+    last = path[-1]
+    if isinstance(value, dict) and isinstance(tree.get(last), dict):
+        for key, sub in value.items():
+            _set(tree[last], (key,), sub)
+    else:
+        tree[last] = value
+
+
+def _leaves(path: tuple[str, ...], value: Any) -> list[tuple[str, ...]]:
+    """Key paths of the values an override sets (a mapping sets each entry)."""
+    if isinstance(value, dict) and value:
+        return [p for k, v in value.items() for p in _leaves((*path, str(k)), v)]
+    return [path]
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """Turn ``["optim.lr=3e-4", "model.latent_dims=[32,16]"]`` into nested dicts.
+
+    Values are parsed as YAML (so ``null``, lists and mappings work); later
+    items win over earlier ones. Raises :class:`ConfigError` listing every
+    malformed item.
+    """
+    tree: dict = {}
+    for path, value, _ in _parse_items(items):
+        _set(tree, path, value)
+    return tree
+
+
+# ---------------------------------------------------------------------------
+# Loading and error reporting
+# ---------------------------------------------------------------------------
+
+
+class _Origins:
+    """Where each configuration value came from: the file, an override, or defaults."""
+
+    def __init__(self, file: str | None, file_tree: dict):
+        self.file = file
+        self.file_tree = file_tree
+        self.overrides: dict[tuple[str, ...], str] = {}
+
+    def _explicit(self, loc: tuple) -> str | None:
+        # The override that set this value or a mapping around it, else one
+        # that set something inside it (an unknown section, say).
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in self.overrides:
+                return f"override '{self.overrides[loc[:n]]}'"
+        for path, item in self.overrides.items():
+            if loc and path[: len(loc)] == loc:
+                return f"override '{item}'"
+        node: Any = self.file_tree
+        for key in loc:
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return self.file
+
+    def _fallback(self) -> str:
+        """The origin of values nobody set explicitly."""
+        return self.file or "defaults"
+
+    def of(self, loc: tuple) -> str:
+        """Origin of the value at ``loc``."""
+        return self._explicit(loc) or self._fallback()
+
+    def of_all(self, locs: Sequence[tuple]) -> str:
+        """Origins of the explicitly set values among ``locs``."""
+        found = [o for o in map(self._explicit, locs) if o]
+        return " and ".join(dict.fromkeys(found)) or self._fallback()
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    """``("model", "latent_dims", 1)`` -> ``"model.latent_dims[1]"``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text.lstrip(".") or "<config>"
+
+
+def _section_options(loc: Sequence[str | int]) -> list[str] | None:
+    """Option names of the section at ``loc``, or None when it is not a section."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return list(model.model_fields)
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    """Readable text of one pydantic error (without its location)."""
+    loc = error["loc"]
+    if error["type"] == "extra_forbidden":
+        options = _section_options(loc[:-1])
+        if options is None:
+            return "unknown option"
+        close = difflib.get_close_matches(str(loc[-1]), options, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown option{hint} (valid here: {', '.join(options)})"
+    message = error["msg"]
+    value = error.get("input")
+    if error["type"] != "missing" and not isinstance(value, dict) and len(repr(value)) <= 80:
+        message += f", got {value!r}"
+    return message
+
+
+def _validation_errors(err: ValidationError, origins: _Origins) -> list[str]:
+    """One line per pydantic error: dotted path, message and origin."""
+    lines = []
+    for error in err.errors(include_url=False):
+        loc = tuple(error["loc"])
+        if error["type"] == _CONFLICT:
+            fields = [(*loc, *f.split(".")) for f in error["ctx"]["fields"]]
+            where, origin, message = fields[0], origins.of_all(fields), error["msg"]
+        else:
+            where, origin, message = loc, origins.of(loc), _message(error)
+        lines.append(f"{_dotted(where)}: {message} (from {origin})")
+    return lines
+
+
+def _read_file(path: Path) -> dict:
+    """The top-level mapping of a YAML config file (empty file = empty mapping)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file not found"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a folder, not a config file"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: cannot read config file (not UTF-8 text)"]) from None
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot read config file ({err.strerror})"]) from None
+    try:
+        tree = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path}: invalid YAML at {_yaml_problem(err)}"]) from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(
+            [
+                f"{path}: expected a mapping of sections (data, model, train, optim, "
+                f"eval, ...) at the top level, got a {type(tree).__name__}"
+            ]
+        )
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply ``KEY=VALUE`` overrides and validate.
+
+    ``path`` None starts from the defaults. Override keys are dotted paths into
+    the sections (``optim.lr=3e-4``, ``train.ema_decay=null``,
+    ``model.latent_dims=[32,16,8]``) and their values are parsed as YAML with
+    the same float rules as the file. Raises :class:`ConfigError` listing every
+    problem, each with the dotted path of the option and where its value came
+    from.
+    """
+    file_tree = {} if path is None else _read_file(Path(path))
+    origins = _Origins(None if path is None else str(path), file_tree)
+    tree = copy.deepcopy(file_tree)
+    for key_path, value, item in _parse_items(overrides):
+        _set(tree, key_path, value)
+        for leaf in _leaves(key_path, value):
+            origins.overrides[leaf] = item
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_validation_errors(err, origins)) from None

@@ -1,0 +1,230 @@
+"""
+Diagnostics for amortized posteriors: Pareto-smoothed importance sampling,
+effective sample sizes, active units and per-site KL divergences.
+
+Log weights follow :func:`~pyro_hvae.infer.iw.log_likelihood`: shape
+``[K, N]``, samples first, :math:`\\log w_{nk} = \\log p(x_n, z_{nk}) - \\log q(z_{nk} \\mid x_n)`.
+"""
+
+import math
+import warnings
+from collections import defaultdict
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
+
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine import Trace
+
+from .elbo import site_kl
+from .iw import _find_frame, _sum_except, get_traces
+
+ArrayLike = Union[Tensor, np.ndarray]
+
+
+def _psis_backend() -> Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]]:
+    """
+    Returns ``f(log_weights [N, K]) -> (smoothed [N, K], khat [N])`` from
+    whichever ArviZ is installed. ArviZ >= 1.0 provides it in ``arviz_stats``,
+    whose ``psislw`` takes log *ratios* with the opposite sign (it negates its
+    input); ArviZ < 1.0 provides ``arviz.psislw`` taking log weights.
+    """
+    try:
+        from arviz_stats.base import array_stats
+    except ImportError:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning
+            )
+            import arviz
+        return lambda log_weights: arviz.psislw(log_weights, reff=1.0)
+    return lambda log_weights: array_stats.psislw(-log_weights, r_eff=1.0, axis=-1)
+
+
+def psislw(log_weights: ArrayLike) -> Tuple[Tensor, Tensor]:
+    """
+    Pareto-smoothed importance sampling ("Pareto Smoothed Importance
+    Sampling"): fits a generalized Pareto distribution to the largest weights
+    of each column and replaces them by its order statistics. The fitted
+    shape :math:`\\hat k` estimates the number of finite moments of the weights,
+    :math:`1 / \\hat k`; see :func:`khat_threshold` for how to read it.
+
+    :param log_weights: ``[K, N]`` log weights (torch or numpy), samples first.
+    :returns: ``(smoothed_log_weights [K, N], khat [N])`` as tensors in the
+        input's dtype, the smoothed log weights normalised so that
+        :math:`\\operatorname{logsumexp}_k = 0` per column.
+    """
+    like = torch.as_tensor(log_weights)
+    if like.dim() != 2:
+        raise ValueError(f"log_weights must have shape [K, N], got {tuple(like.shape)}")
+    smoothed, khat = _psis_backend()(like.detach().cpu().numpy().T)
+    smoothed = torch.as_tensor(np.asarray(smoothed).T).to(like)
+    khat = torch.as_tensor(np.asarray(khat)).to(like)
+    return smoothed - smoothed.logsumexp(0), khat
+
+
+def pareto_khat(log_weights: ArrayLike) -> Tensor:
+    """
+    Pareto :math:`\\hat k` per data point of ``[K, N]`` log weights; see :func:`psislw`.
+    """
+    return psislw(log_weights)[1]
+
+
+def khat_threshold(num_samples: int) -> float:
+    """
+    Sample-size dependent reliability threshold of "Pareto Smoothed Importance
+    Sampling",
+
+    .. math::
+
+        \\hat k < \\min(1 - 1 / \\log_{10} K,\\ 0.7).
+
+    Above it the importance-sampling estimate is unreliable for ``K`` samples.
+    """
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2, got {num_samples}")
+    return min(1.0 - 1.0 / math.log10(num_samples), 0.7)
+
+
+def effective_sample_size(log_weights: ArrayLike) -> Tensor:
+    """
+    Kish effective sample size per data point,
+
+    .. math::
+
+        \\mathrm{ESS}_n = \\frac{(\\sum_k w_{nk})^2}{\\sum_k w_{nk}^2}
+        = \\exp\\big(2 \\operatorname{logsumexp}_k \\log w_{nk}
+        - \\operatorname{logsumexp}_k 2 \\log w_{nk}\\big),
+
+    computed in log space. It lies in :math:`[1, K]`; divide by :math:`K` for
+    the efficiency fraction.
+
+    :param log_weights: ``[K, N]`` log weights, samples first.
+    :returns: ``[N]`` tensor.
+    """
+    log_weights = torch.as_tensor(log_weights)
+    return torch.exp(2 * log_weights.logsumexp(0) - (2 * log_weights).logsumexp(0))
+
+
+def active_units(posterior_means: Tensor, threshold: float = 0.01) -> Tuple[int, Tensor]:
+    """
+    Counts active latent units ("Importance Weighted Autoencoders"): unit
+    :math:`d` is active when
+
+    .. math::
+
+        A_d = \\operatorname{Cov}_x\\big(\\mathbb{E}_{q(z \\mid x)}[z_d]\\big) > \\text{threshold}.
+
+    :param Tensor posterior_means: ``[N, D]`` posterior means, e.g. one entry of
+        :func:`posterior_means`.
+    :param float threshold: activity threshold, 0.01 in the paper.
+    :returns: ``(count, per_dim_variance [D])``; the variance is the population
+        variance over the ``N`` data points.
+    """
+    variance = posterior_means.var(dim=0, correction=0)
+    return int((variance > threshold).sum()), variance
+
+
+def _mean(fn: Distribution, num_samples: int) -> Tensor:
+    try:
+        return fn.mean
+    except NotImplementedError:
+        return fn.sample((num_samples,)).mean(0)
+
+
+def _data_axis(site: dict, data_plate: str) -> int:
+    frame = _find_frame(site, data_plate)
+    if frame is None or frame.dim is None:
+        raise ValueError(
+            f"sample site {site['name']!r} is not inside a vectorized plate {data_plate!r}; "
+            "per-data-point diagnostics require local latent variables"
+        )
+    return frame.dim
+
+
+def _latent_sites(model_trace: Trace, guide_trace: Trace):
+    for name, site in guide_trace.nodes.items():
+        model_site = model_trace.nodes.get(name)
+        if site["type"] == "sample" and model_site is not None and not model_site["is_observed"]:
+            yield name, site, model_site
+
+
+def posterior_means(
+    model: Callable,
+    guide: Callable,
+    batches: Iterable,
+    sites: Optional[Sequence[str]] = None,
+    *,
+    data_plate: str = "data",
+    num_samples: int = 16,
+) -> Dict[str, Tensor]:
+    """
+    Collects :math:`\\mathbb{E}_{q(z \\mid x_n)}[z]` for every latent site over a
+    dataset, with event and non-data batch dims flattened per data point.
+
+    Uses ``site["fn"].mean`` of each guide site; distributions without a
+    closed-form mean (e.g. flows) fall back to the Monte Carlo mean of
+    ``num_samples`` draws. Runs under :func:`torch.no_grad`.
+
+    :param callable model: the model (unused by ``GuideMessenger`` guides).
+    :param callable guide: a guide callable or a
+        :class:`~pyro.poutine.guide.GuideMessenger`.
+    :param batches: iterable of batches; a tuple or list is unpacked as the
+        model arguments, anything else is passed as the single argument.
+    :param sites: names of latent sites to collect; defaults to all.
+    :param str data_plate: name of the plate over data points.
+    :param int num_samples: Monte Carlo samples for distributions without a mean.
+    :returns: dict mapping site name to an ``[N, D]`` tensor.
+    """
+    means = defaultdict(list)
+    with torch.no_grad():
+        for batch in batches:
+            args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+            model_trace, guide_trace = get_traces(model, guide, *args)
+            for name, site, _ in _latent_sites(model_trace, guide_trace):
+                if sites is not None and name not in sites:
+                    continue
+                fn = site["fn"]
+                mean = _mean(fn, num_samples).expand(fn.batch_shape + fn.event_shape)
+                axis = len(fn.batch_shape) + _data_axis(site, data_plate)
+                means[name].append(mean.movedim(axis, 0).reshape(mean.shape[axis], -1))
+    missing = set(sites or ()) - set(means)
+    if missing:
+        raise ValueError(f"latent sites not found in the guide: {sorted(missing)}")
+    return {name: torch.cat(values) for name, values in means.items()}
+
+
+def kl_per_site(
+    model_trace: Trace, guide_trace: Trace, *, data_plate: str = "data"
+) -> Dict[str, Tensor]:
+    """
+    Per-data-point KL divergence of each latent site,
+
+    .. math::
+
+        \\mathrm{KL}_n = \\mathrm{KL}\\big(q(z \\mid \\cdot) \\,\\|\\, p(z \\mid \\cdot)\\big),
+
+    analytic via :func:`torch.distributions.kl_divergence` where registered,
+    otherwise the single-sample Monte Carlo estimate
+    :math:`\\log q(z) - \\log p(z)` at the trace's value. Both condition on the
+    upstream values in the traces, so for hierarchies the terms are
+    conditional KLs. Event dims and every batch dim except the data dim
+    (nested plates, particle plates) are summed; the model site's mask is
+    applied.
+
+    The result is not detached: it carries gradients to guide and model
+    parameters so that training losses (e.g. free bits) can use it.
+
+    :param Trace model_trace: model trace, e.g. from :func:`~pyro_hvae.infer.iw.get_traces`.
+    :param Trace guide_trace: the matching guide trace.
+    :param str data_plate: name of the plate over data points.
+    :returns: dict mapping latent site name to an ``[N]`` tensor.
+    """
+    result = {}
+    for name, site, model_site in _latent_sites(model_trace, guide_trace):
+        kl = scale_and_mask(site_kl(site, model_site), mask=model_site["mask"])
+        result[name] = _sum_except(kl, (_data_axis(site, data_plate),))
+    return result

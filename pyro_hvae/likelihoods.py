@@ -1,0 +1,252 @@
+"""Likelihood heads p(x | z_1): small, swappable objects.
+
+Every likelihood sees images as float tensors in ``[0, 1]`` (what torchvision's
+``ToTensor`` gives), so one data pipeline serves all of them and every sample is an
+image again. A likelihood turns the decoder's output features into a Pyro
+distribution whose event covers the whole image, and rejects data outside its
+support with a ``ValueError`` that says what to do.
+
+==========================  =======================================  =====================
+likelihood                  data                                     features per value
+==========================  =======================================  =====================
+:class:`Bernoulli`          binary pixels ``{0, 1}``                 1
+:class:`Categorical`        ``num_levels`` grey levels ``k/(L-1)``   ``num_levels``
+:class:`LogisticMixture`    8-bit values ``k/255``                   ``3 * num_mixtures``
+==========================  =======================================  =====================
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.distributions.torch_distribution import TorchDistribution
+from torch.distributions import constraints
+
+
+def bits_per_dim(nll_nats: torch.Tensor | float, num_dims: int) -> torch.Tensor | float:
+    """Convert a negative log-likelihood in nats per image to bits per dimension:
+    ``nll / (D ln 2)``."""
+    return nll_nats / (num_dims * math.log(2.0))
+
+
+def _on_grid(x: torch.Tensor, num_levels: int) -> torch.Tensor:
+    """Whether every value of ``x`` is one of ``k / (num_levels - 1)``, k = 0..num_levels-1."""
+    scaled = x * (num_levels - 1)
+    return bool(((x >= 0) & (x <= 1) & ((scaled - scaled.round()).abs() < 1e-3)).all())
+
+
+class Likelihood(ABC):
+    """Base class: a map from decoder features to ``p(x | z_1)``.
+
+    ``features_per_value`` is how many decoder outputs each data value needs; the
+    decoder's last layer has ``prod(data_shape) * features_per_value`` units.
+    """
+
+    features_per_value: int = 1
+
+    def distribution(self, features: torch.Tensor, data_shape: tuple[int, ...]) -> TorchDistribution:
+        """``p(x | z_1)`` with batch shape ``features.shape[:-1]`` and event shape ``data_shape``."""
+        params = features.reshape(features.shape[:-1] + tuple(data_shape) + (self.features_per_value,))
+        return self._per_value(params).to_event(len(data_shape))
+
+    @abstractmethod
+    def _per_value(self, params: torch.Tensor) -> TorchDistribution:
+        """The distribution of each data value, from its ``features_per_value`` features."""
+
+    @abstractmethod
+    def check_support(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` if ``x`` lies outside this likelihood's support."""
+
+
+class Bernoulli(Likelihood):
+    """Independent Bernoulli pixels: ``p(x | z_1) = prod_d Bern(x_d | sigmoid(f_d(z_1)))``."""
+
+    features_per_value = 1
+
+    def _per_value(self, params: torch.Tensor) -> TorchDistribution:
+        return dist.Bernoulli(logits=params.squeeze(-1))
+
+    def check_support(self, x: torch.Tensor) -> None:
+        if not bool(((x == 0) | (x == 1)).all()):
+            raise ValueError(
+                "x: the Bernoulli likelihood needs binary pixels (0 or 1), got values in "
+                f"[{x.min().item():.3g}, {x.max().item():.3g}] that are not all 0 or 1; binarize "
+                "the data (data.binarize: dynamic or threshold) or use the categorical or "
+                "logistic_mixture likelihood"
+            )
+
+    def __repr__(self) -> str:
+        return "Bernoulli()"
+
+
+class QuantizedCategorical(TorchDistribution):
+    """A categorical distribution over the ``L`` evenly spaced values ``k / (L - 1)`` of ``[0, 1]``.
+
+    ``P(x = k / (L - 1)) = softmax(logits)_k``. Values are images, not indices.
+    """
+
+    arg_constraints = {"logits": constraints.real_vector}
+    support = constraints.unit_interval
+    has_rsample = False
+
+    def __init__(self, logits: torch.Tensor, validate_args=None):
+        self.logits = logits - logits.logsumexp(-1, keepdim=True)
+        self.num_levels = logits.shape[-1]
+        super().__init__(batch_shape=logits.shape[:-1], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(QuantizedCategorical, _instance)
+        new.logits = self.logits.expand(torch.Size(batch_shape) + (self.num_levels,))
+        new.num_levels = self.num_levels
+        super(QuantizedCategorical, new).__init__(torch.Size(batch_shape), validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def _index(self, value: torch.Tensor) -> torch.Tensor:
+        return (value * (self.num_levels - 1)).round().long()
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
+        index = self._index(value).expand(shape).unsqueeze(-1)
+        return self.logits.expand(shape + (self.num_levels,)).gather(-1, index).squeeze(-1)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        index = dist.Categorical(logits=self.logits).sample(sample_shape)
+        return index.to(self.logits.dtype) / (self.num_levels - 1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        grid = torch.linspace(0, 1, self.num_levels, dtype=self.logits.dtype, device=self.logits.device)
+        return (self.logits.exp() * grid).sum(-1)
+
+
+class Categorical(Likelihood):
+    """A categorical over ``num_levels`` grey levels per pixel (256 for 8-bit images)."""
+
+    def __init__(self, num_levels: int = 256):
+        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
+            raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
+        self.num_levels = num_levels
+        self.features_per_value = num_levels
+
+    def _per_value(self, params: torch.Tensor) -> TorchDistribution:
+        return QuantizedCategorical(params)
+
+    def check_support(self, x: torch.Tensor) -> None:
+        if not _on_grid(x, self.num_levels):
+            raise ValueError(
+                f"x: the Categorical({self.num_levels}) likelihood needs pixel values k/{self.num_levels - 1} "
+                f"in [0, 1]; got values off that grid in [{x.min().item():.3g}, {x.max().item():.3g}]; "
+                "scale images to [0, 1] (data.binarize: none) or set num_levels to the data's levels"
+            )
+
+    def __repr__(self) -> str:
+        return f"Categorical(num_levels={self.num_levels})"
+
+
+class DiscretizedLogisticMixture(TorchDistribution):
+    """A mixture of ``M`` logistics, discretized to ``num_bins`` values ``k / (num_bins - 1)``.
+
+    With ``y = 2x - 1`` in ``[-1, 1]`` and bin half-width ``delta = 1 / (num_bins - 1)``:
+
+    .. math::
+
+        P(x) = \\sum_m \\pi_m \\big[F_m(y + \\delta) - F_m(y - \\delta)\\big],
+        \\quad F_m(t) = \\sigma\\big((t - \\mu_m) / s_m\\big),
+
+    where the lowest bin takes ``F_m(y + delta)`` and the highest ``1 - F_m(y - delta)``,
+    so the probabilities of all bins sum to one. The component dimension is last.
+    """
+
+    arg_constraints = {
+        "logit_weights": constraints.real_vector,
+        "locs": constraints.real_vector,
+        "log_scales": constraints.real_vector,
+    }
+    support = constraints.unit_interval
+    has_rsample = False
+
+    def __init__(self, logit_weights, locs, log_scales, num_bins: int = 256, validate_args=None):
+        self.logit_weights = logit_weights.log_softmax(-1)
+        self.locs = locs
+        self.log_scales = log_scales.clamp(min=-7.0)
+        self.num_bins = num_bins
+        super().__init__(batch_shape=locs.shape[:-1], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape) + self.locs.shape[-1:]
+        return DiscretizedLogisticMixture(
+            self.logit_weights.expand(shape),
+            self.locs.expand(shape),
+            self.log_scales.expand(shape),
+            self.num_bins,
+            validate_args=self._validate_args,
+        )
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        y = (2 * value - 1).unsqueeze(-1)
+        delta = 1.0 / (self.num_bins - 1)
+        inv_scale = torch.exp(-self.log_scales)
+        upper = (y + delta - self.locs) * inv_scale
+        lower = (y - delta - self.locs) * inv_scale
+        # log(sigmoid(upper) - sigmoid(lower)), evaluated on the side of zero where
+        # the two terms are not both close to 1: sigma(a) - sigma(b) = sigma(-b) - sigma(-a).
+        flip = (upper + lower) > 0
+        a = torch.where(flip, -lower, upper)
+        b = torch.where(flip, -upper, lower)
+        log_a = F.logsigmoid(a)
+        gap = (F.logsigmoid(b) - log_a).clamp(max=-1e-12)
+        log_bin = log_a + torch.log(-torch.expm1(gap))
+        log_bin = torch.where(y < -1 + delta / 2, F.logsigmoid(upper), log_bin)
+        log_bin = torch.where(y > 1 - delta / 2, F.logsigmoid(-lower), log_bin)
+        return torch.logsumexp(self.logit_weights + log_bin, dim=-1)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            shape = torch.Size(sample_shape) + self.batch_shape
+            component = dist.Categorical(logits=self.logit_weights).sample(sample_shape).unsqueeze(-1)
+            loc = self.locs.expand(shape + self.locs.shape[-1:]).gather(-1, component).squeeze(-1)
+            log_scale = self.log_scales.expand(shape + self.locs.shape[-1:]).gather(-1, component).squeeze(-1)
+            u = torch.rand(shape, dtype=loc.dtype, device=loc.device).clamp(1e-5, 1 - 1e-5)
+            y = (loc + log_scale.exp() * (u.log() - (-u).log1p())).clamp(-1, 1)
+            return ((y + 1) / 2 * (self.num_bins - 1)).round() / (self.num_bins - 1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The mixture mean of the component locations, clipped to the data range."""
+        y = (self.logit_weights.exp() * self.locs.clamp(-1, 1)).sum(-1)
+        return (y + 1) / 2
+
+
+class LogisticMixture(Likelihood):
+    """A discretized mixture of ``num_mixtures`` logistics per 8-bit sub-pixel.
+
+    Each value gets its own mixture weights, locations and log-scales; channels are
+    modelled independently given ``z_1``.
+    """
+
+    def __init__(self, num_mixtures: int = 5, num_bins: int = 256):
+        if isinstance(num_mixtures, bool) or not isinstance(num_mixtures, int) or num_mixtures < 1:
+            raise ValueError(f"num_mixtures must be a positive integer, got {num_mixtures!r}")
+        self.num_mixtures = num_mixtures
+        self.num_bins = num_bins
+        self.features_per_value = 3 * num_mixtures
+
+    def _per_value(self, params: torch.Tensor) -> TorchDistribution:
+        logit_weights, locs, log_scales = params.chunk(3, dim=-1)
+        return DiscretizedLogisticMixture(logit_weights, locs, log_scales, self.num_bins)
+
+    def check_support(self, x: torch.Tensor) -> None:
+        if not _on_grid(x, self.num_bins):
+            raise ValueError(
+                f"x: the logistic-mixture likelihood needs 8-bit pixel values k/{self.num_bins - 1} in [0, 1]; "
+                f"got values off that grid in [{x.min().item():.3g}, {x.max().item():.3g}]; "
+                "feed images as ToTensor gives them (data.binarize: none)"
+            )
+
+    def __repr__(self) -> str:
+        return f"LogisticMixture(num_mixtures={self.num_mixtures})"

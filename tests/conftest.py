@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+#: Real data beside the checkout (``../shared/data``), or wherever $PYRO_HVAE_DATA points.
+SHARED_DATA = Path(os.environ.get("PYRO_HVAE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_pyro():
+    """Every test starts with Pyro's validation on, an empty param store and seed 0."""
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    pyro.set_rng_seed(0)
+    yield
+    pyro.settings.set(module_local_params=False)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    if not (SHARED_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
+        pytest.skip(f"real MNIST not found under {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def mnist_binary(data_root) -> torch.Tensor:
+    """The first 512 real MNIST training digits, binarized once with a fixed seed: [512, 1, 28, 28]."""
+    import torchvision
+
+    images = torchvision.datasets.MNIST(data_root, train=True, download=False).data[:512]
+    generator = torch.Generator().manual_seed(0)
+    return torch.bernoulli(images.float().div(255).unsqueeze(1), generator=generator)

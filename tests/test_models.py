@@ -1,0 +1,273 @@
+import re
+from pathlib import Path
+
+import pyro
+import pyro.optim
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
+
+from pyro_hvae import BottomUpVAE, LadderVAE
+from pyro_hvae.infer.elbo import HierarchicalELBO
+from pyro_hvae.likelihoods import Bernoulli, Categorical, LogisticMixture
+
+SHAPE = (1, 6, 6)
+
+
+def binary_batch(n=8, shape=SHAPE):
+    return (torch.rand(n, *shape) > 0.5).float()
+
+
+def small_ladder(latent_dims=(6, 4, 2), **kwargs):
+    return LadderVAE(SHAPE, list(latent_dims), [16, 12], **kwargs)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 5])
+@pytest.mark.parametrize(
+    "likelihood, batch",
+    [
+        (Bernoulli(), lambda: binary_batch()),
+        (Categorical(17), lambda: torch.randint(0, 17, (8, *SHAPE)) / 16.0),
+        (LogisticMixture(2), lambda: torch.randint(0, 256, (8, *SHAPE)) / 255.0),
+    ],
+)
+def test_shapes_and_sampling_for_every_depth_and_likelihood(num_layers, likelihood, batch):
+    dims = [2 + num_layers - layer for layer in range(num_layers)]
+    vae = small_ladder(dims, likelihood=likelihood)
+    x = batch()
+    samples = vae.guide(x)
+    assert list(samples) == [f"z_{layer}" for layer in range(num_layers, 0, -1)] + ["x"]
+    for layer, dim in enumerate(dims, start=1):
+        assert samples[f"z_{layer}"].shape == (8, dim)
+    assert torch.isfinite(torch.tensor(TraceMeanField_ELBO().loss(vae.model, vae.guide, x)))
+    prior_draws = vae.sample(5, mean=False)
+    assert prior_draws.shape == (5, *SHAPE)
+    likelihood.check_support(prior_draws)
+    assert vae.sample(5).shape == (5, *SHAPE)
+    assert vae.reconstruct(x).shape == x.shape
+    assert vae.latent_sites == [f"z_{layer}" for layer in range(1, num_layers + 1)]
+
+
+def test_model_and_guide_share_the_top_down_networks():
+    vae = small_ladder()
+    model_params = {id(p) for p in vae.model.parameters()}
+    guide_params = {id(p) for p in vae.guide.parameters()}
+    assert model_params.isdisjoint(guide_params)  # the guide reuses the model's priors, owns no copy
+    assert {id(p) for p in vae.parameters()} == model_params | guide_params
+    loss = Trace_ELBO()(vae.model, vae.guide)
+    assert {id(p) for p in loss.parameters()} == model_params | guide_params
+
+
+@pytest.mark.parametrize("posterior, flows", [("residual", 0), ("independent", 0), ("residual", 2)])
+def test_gradients_reach_every_parameter_of_model_and_guide(posterior, flows):
+    vae = small_ladder(posterior=posterior, flows=flows, batch_norm=True)
+    if posterior == "residual":  # zero-initialized heads: move off zero so every path carries gradient
+        for head in vae.guide.heads:
+            torch.nn.init.normal_(head.net[-1].weight, std=0.1)
+    loss = Trace_ELBO()(vae.model, vae.guide)(binary_batch())
+    loss.backward()
+    missing = [name for name, p in vae.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_trace_elbo_and_mean_field_elbo_agree_in_expectation():
+    vae = small_ladder()
+    for head in vae.guide.heads:
+        torch.nn.init.normal_(head.net[-1].weight, std=0.3)
+    x = binary_batch(4)
+    mc = Trace_ELBO(num_particles=4000, vectorize_particles=True).loss(vae.model, vae.guide, x)
+    analytic = TraceMeanField_ELBO(num_particles=4000, vectorize_particles=True).loss(vae.model, vae.guide, x)
+    assert mc == pytest.approx(analytic, rel=2e-3)
+
+
+def test_hierarchical_elbo_equals_mean_field_elbo_and_keeps_per_layer_kl():
+    vae = small_ladder()
+    for head in vae.guide.heads:
+        torch.nn.init.normal_(head.net[-1].weight, std=0.3)
+    x = binary_batch(6)
+    pyro.set_rng_seed(1)
+    reference = TraceMeanField_ELBO().loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(1)
+    elbo = HierarchicalELBO()
+    ours = elbo.loss(vae.model, vae.guide, x)
+    assert ours == pytest.approx(reference, rel=1e-5)
+    assert set(elbo.terms["kl"]) == {"z_1", "z_2", "z_3"}
+    assert all(kl > 0 for kl in elbo.terms["kl"].values())
+    per_image = elbo.terms["reconstruction"] - sum(elbo.terms["kl"].values())
+    assert float(per_image) * 6 == pytest.approx(-ours, rel=1e-5)
+
+
+def test_free_bits_and_warm_up_change_only_the_kl_terms():
+    vae = small_ladder()
+    x = binary_batch(6)
+    # at initialization every residual posterior equals its prior: KL = 0 at each layer
+    pyro.set_rng_seed(2)
+    plain = HierarchicalELBO().loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(2)
+    floored = HierarchicalELBO(free_bits=0.5).loss(vae.model, vae.guide, x)
+    assert floored - plain == pytest.approx(3 * 0.5 * 6, rel=1e-5)  # 3 layers x 0.5 nats x 6 images
+    pyro.set_rng_seed(2)
+    warm = HierarchicalELBO(free_bits=0.5, beta=0.1).loss(vae.model, vae.guide, x)
+    assert warm - plain == pytest.approx(0.1 * 3 * 0.5 * 6, rel=1e-5)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        HierarchicalELBO(beta=0.0)
+
+
+def test_vectorized_particles_and_predictive_and_data_plate():
+    vae = small_ladder()
+    x = binary_batch(5)
+    elbo = HierarchicalELBO(num_particles=7)
+    assert torch.isfinite(elbo.differentiable_loss(vae.model, vae.guide, x))
+    trace = pyro.poutine.trace(vae.model).get_trace(x)
+    frames = {f.name for f in trace.nodes["z_1"]["cond_indep_stack"]}
+    assert frames == {"data"}
+    predictive = Predictive(vae.model, guide=vae.guide, num_samples=3, return_sites=["z_1", "z_3"])
+    draws = predictive(x)
+    assert draws["z_1"].shape == (3, 5, 6) and draws["z_3"].shape == (3, 5, 2)
+
+
+def test_same_seed_same_losses_on_cpu():
+    def run():
+        pyro.clear_param_store()
+        pyro.set_rng_seed(123)
+        vae = small_ladder(batch_norm=True, flows=1)
+        svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        x = binary_batch(8)
+        return [svi.step(x) for _ in range(5)]
+
+    first, second = run(), run()
+    assert first == second
+    assert len(set(first)) > 1
+
+
+@pytest.mark.parametrize("module_local_params", [False, True])
+def test_classic_svi_and_torch_optim_paths_both_train(module_local_params):
+    pyro.settings.set(module_local_params=module_local_params)
+    vae = small_ladder()
+    x = binary_batch(32)
+    before = [p.detach().clone() for p in vae.parameters()]
+    if module_local_params:
+        loss_fn = HierarchicalELBO()(vae.model, vae.guide)
+        optim = torch.optim.Adam(loss_fn.parameters(), lr=1e-2)
+        for _ in range(30):
+            optim.zero_grad()
+            loss_fn(x).backward()
+            optim.step()
+        assert len(pyro.get_param_store()) == 0
+    else:
+        svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), HierarchicalELBO())
+        for _ in range(30):
+            svi.step(x)
+        assert len(pyro.get_param_store()) == len(list(vae.parameters()))
+    changed = sum(not torch.equal(a, b) for a, b in zip(before, vae.parameters()))
+    assert changed == len(before)
+
+
+@pytest.mark.parametrize("vae_class", [LadderVAE, BottomUpVAE])
+def test_both_hierarchies_train_on_real_mnist(vae_class, mnist_binary):
+    pyro.set_rng_seed(0)
+    vae = vae_class((1, 28, 28), [16, 8], [128, 64], batch_norm=True)
+    analytic = vae_class is LadderVAE  # the bottom-up guide breaks the mean-field order
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 2e-3}), HierarchicalELBO(analytic_kl=analytic))
+    x = mnist_binary[:256]
+    check = HierarchicalELBO(num_particles=10, analytic_kl=analytic)
+    evaluate = lambda: check.loss(vae.model, vae.guide, x) / len(x)  # noqa: E731
+    vae.eval()
+    start = evaluate()
+    vae.train()
+    for _ in range(3):
+        for batch in x.split(64):
+            for _ in range(25):
+                svi.step(batch)
+    vae.eval()
+    end = evaluate()
+    # untrained: about 544 nats (784 ln 2); a few hundred steps must take off at least 250 nats per image
+    assert start - end > 250, (start, end)
+
+
+def test_bottom_up_vae_order_warns_under_analytic_kl():
+    vae = BottomUpVAE(SHAPE, [4, 2], [8])
+    with pytest.warns(UserWarning, match="analytic KL assumes the guide samples latents in the model's order"):
+        HierarchicalELBO().loss(vae.model, vae.guide, binary_batch())
+
+
+def test_custom_three_level_hierarchy_from_public_blocks_trains_with_svi():
+    from pyro_hvae import MLP, ConditionalNormal, FeatureNet, residual_normal
+    from pyro_hvae import Bernoulli as BernoulliHead
+
+    class ThreeLevel(torch.nn.Module):
+        """p(z3) p(z2|z3) p(z1|z2) p(x|z1); q shifts each prior by bottom-up features."""
+
+        def __init__(self):
+            super().__init__()
+            self.p_z2, self.p_z1 = ConditionalNormal(2, [16], 3), ConditionalNormal(3, [16], 4)
+            self.decoder, self.likelihood = MLP(4, [16], 36), BernoulliHead()
+            self.encoder = FeatureNet(36, [16])
+            self.deltas = torch.nn.ModuleList(MLP(16, [], 2 * d) for d in (2, 3, 4))
+
+        def model(self, x):
+            pyro.module("three_level", self)
+            with pyro.plate("data", x.shape[0]):
+                z3 = pyro.sample("z3", pyro.distributions.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+                z2 = pyro.sample("z2", self.p_z2(z3))
+                z1 = pyro.sample("z1", self.p_z1(z2))
+                pyro.sample("x", self.likelihood.distribution(self.decoder(z1), SHAPE), obs=x)
+
+        def guide(self, x):
+            pyro.module("three_level", self)
+            r = self.encoder(x.flatten(1))
+            shifts = [d(r).chunk(2, -1) for d in self.deltas]
+            with pyro.plate("data", x.shape[0]):
+                top = pyro.distributions.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1)
+                z3 = pyro.sample("z3", residual_normal(top, *shifts[0]))
+                z2 = pyro.sample("z2", residual_normal(self.p_z2(z3), *shifts[1]))
+                pyro.sample("z1", residual_normal(self.p_z1(z2), *shifts[2]))
+
+    net = ThreeLevel()
+    prototypes = binary_batch(4)
+    x = prototypes[torch.randint(0, 4, (64,))]  # four patterns: learnable, unlike coin flips
+    svi = SVI(net.model, net.guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO())
+    losses = [svi.step(x) / 64 for _ in range(150)]
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: LadderVAE(SHAPE, []), r"latent_dims must be a non-empty list"),
+        (lambda: LadderVAE(SHAPE, [4, -2]), r"latent_dims must contain positive integers"),
+        (lambda: LadderVAE(SHAPE, [4], [16, 0]), r"hidden_dims must contain positive integers"),
+        (lambda: LadderVAE((1, -6, 6), [4]), r"data_shape must contain positive integers"),
+        (lambda: LadderVAE(SHAPE, [4], posterior="ladder"), r"posterior must be 'residual' or 'independent'"),
+        (lambda: LadderVAE(SHAPE, [4], flows=-1), r"flows must be a non-negative integer"),
+        (lambda: BottomUpVAE(SHAPE, []), r"latent_dims must be a non-empty list"),
+    ],
+)
+def test_bad_construction_arguments_raise_value_errors_naming_them(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_bad_inputs_raise_value_errors_naming_them():
+    vae = small_ladder()
+    with pytest.raises(ValueError, match=r"x: expected shape \[N, 1, 6, 6\].*got \[6, 6\]"):
+        vae.guide(torch.zeros(6, 6))
+    with pytest.raises(ValueError, match=r"x: the Bernoulli likelihood needs binary pixels"):
+        vae.guide(torch.full((2, *SHAPE), 0.5))
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer"):
+        vae.sample(0)
+
+
+def test_nothing_in_the_package_hard_codes_cuda():
+    package = Path(__file__).resolve().parents[1] / "pyro_hvae"
+    offenders = [p.name for p in package.rglob("*.py") if re.search(r"\.cuda\(", p.read_text())]
+    assert not offenders
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_to_cuda_moves_everything():
+    vae = small_ladder(flows=1, batch_norm=True).to("cuda")
+    x = binary_batch().to("cuda")
+    loss = HierarchicalELBO(num_particles=2)(vae.model, vae.guide)(x)
+    assert loss.device.type == "cuda"
+    assert vae.sample(3).device.type == "cuda"
