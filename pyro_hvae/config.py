@@ -46,6 +46,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "architecture_changes",
+    "config_from_yaml",
     "dump_config",
     "load_config",
     "parse_overrides",
@@ -657,3 +658,21 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         return Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_validation_errors(err, origins)) from None
+
+
+def config_from_yaml(text: str, source: str) -> Config:
+    """Validate configuration YAML text, e.g. the ``config`` stored in a checkpoint.
+
+    ``source`` names the text in error messages. Raises :class:`ConfigError` like
+    :func:`load_config`.
+    """
+    try:
+        tree = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{source}: invalid YAML at {_yaml_problem(err)}"]) from None
+    if not isinstance(tree, dict):
+        raise ConfigError([f"{source}: expected a mapping of sections at the top level, got a {type(tree).__name__}"])
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_validation_errors(err, _Origins(source, tree))) from None

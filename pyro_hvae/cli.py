@@ -1,0 +1,121 @@
+"""The ``pyro-hvae`` command line: thin wrappers over the library.
+
+Every expected failure (bad config, missing data, unusable run folder or checkpoint,
+diverged training) prints one ``error: ...`` line, without a traceback, and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from pyro_hvae import __version__
+
+
+class _ExpectedFailures(click.Group):
+    """Turns the library's expected errors into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        from pyro_hvae.config import ConfigError
+        from pyro_hvae.data import DataMissingError
+        from pyro_hvae.run import RunError
+        from pyro_hvae.train import TrainingError
+
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, DataMissingError, RunError, TrainingError) as err:
+            for line in str(err).splitlines():
+                click.echo(f"error: {line}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: last.pt holds the last checkpoint; continue with --resume RUN_DIR", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_ExpectedFailures, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pyro-hvae")
+def main() -> None:
+    """Deep hierarchical VAEs as Pyro programs: train and evaluate them."""
+
+
+@main.command()
+@click.argument("args", nargs=-1, metavar="CONFIG [KEY=VALUE ...]")
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder (default: runs/<name>-<timestamp>).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), help="Overrides the config's device.")
+@click.option("--resume", type=click.Path(path_type=Path), metavar="RUN_DIR", help="Continue the run in RUN_DIR from its last.pt.")
+@click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
+def train(args, out, device, resume, force, print_config):
+    """Train the hierarchy described by CONFIG, with dotted KEY=VALUE overrides
+    (e.g. optim.lr=3e-4 model.latent_dims=[32,16,8])."""
+    from pyro_hvae.config import architecture_changes, dump_config, load_config
+    from pyro_hvae.data import load_splits
+    from pyro_hvae.run import RunError, default_run_dir, prepare_run_dir
+    from pyro_hvae.train import Trainer, load_for_resume, resolve_device
+
+    if resume is not None:
+        if out is not None or force:
+            raise RunError("--resume continues RUN_DIR in place; drop --out/--force")
+        if args and "=" not in args[0]:
+            raise RunError(f"--resume takes its config from {resume}/config.yaml; pass only KEY=VALUE overrides, not {args[0]!r}")
+        state = load_for_resume(resume)
+        saved = load_config(resume / "config.yaml")
+        cfg = load_config(resume / "config.yaml", args)
+        changed = architecture_changes(saved, cfg)
+        if changed:
+            raise RunError(f"--resume: overrides change the architecture ({', '.join(changed)}); a resumed run keeps it: start a new run instead")
+        run_dir = resume
+    else:
+        if not args:
+            raise click.UsageError("missing CONFIG (a YAML file, e.g. examples/mnist.yaml)")
+        cfg = load_config(args[0], args[1:])
+        run_dir = out if out is not None else default_run_dir(cfg.name)
+    if print_config:
+        click.echo(dump_config(cfg), nl=False)
+        return
+    target = resolve_device(device or cfg.device)
+    splits = load_splits(cfg.data)  # before the run folder: missing data leaves nothing behind
+    if resume is None:
+        prepare_run_dir(run_dir, force=force)
+    trainer = Trainer(cfg, run_dir, device=target, splits=splits)
+    if resume is not None:
+        trainer.load_state_dict(state)
+        click.echo(f"resuming {run_dir} at step {trainer.step}", err=True)
+    else:
+        click.echo(f"training into {run_dir} on {target}", err=True)
+    summary = trainer.fit()
+    click.echo(json.dumps(summary))
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path), metavar="RUN_DIR_OR_CHECKPOINT")
+@click.option("--num-samples", "-K", type=int, default=None, help="Importance samples per image (default: the run's eval.num_samples).")
+@click.option("--split", type=click.Choice(["test", "val"]), default=None, help="Data split (default: the run's eval.split).")
+@click.option("--batch-size", type=int, default=None, help="Images per batch (default: the run's eval.batch_size).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the importance samples.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="results.json path (default: RUN_DIR/eval-<split>-K<K>/results.json).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite existing results.")
+def evaluate(target, num_samples, split, batch_size, seed, out, device, force):
+    """Importance-weighted log-likelihood of a trained run, with PSIS diagnostics."""
+    from pyro_hvae.evaluate import evaluate_checkpoint
+    from pyro_hvae.train import resolve_device
+
+    results = evaluate_checkpoint(
+        target,
+        num_samples=num_samples,
+        split=split,
+        batch_size=batch_size,
+        seed=seed,
+        out=out,
+        device=resolve_device(device),
+        force=force,
+    )
+    click.echo(json.dumps({k: results[k] for k in ("nll_nats", "nll_bits_per_dim", "elbo", "num_samples", "split", "results")}))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""How one training step runs.
+
+The loss is Pyro's: ``HierarchicalELBO(...)(model, guide)`` is an ``nn.Module`` whose
+forward is the negative ELBO, differentiable. Parameters live in their modules
+(``pyro.settings.set(module_local_params=True)``) and a plain ``torch.optim``
+optimizer updates them: this skips the per-parameter optimizers and param-store
+bookkeeping of ``SVI`` + ``pyro.optim``, which cost most of Pyro's fixed overhead.
+
+On top of the gradient: global norm clipping, skipping of updates whose gradient
+norm is non-finite or far above its recent level, and an optional exponential
+moving average (EMA) of the weights for evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pyro_hvae.infer.elbo import HierarchicalELBO
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate factor: linear warm-up ``(step + 1) / warmup`` to 1, then cosine decay
+    to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def kl_weight(step: int, warmup_steps: int) -> float:
+    """KL warm-up: ``beta = min(1, (step + 1) / warmup_steps)``, never 0."""
+    return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+class UpdateSkipper:
+    """Decides whether to skip an update from its gradient norm.
+
+    An update is skipped when the norm is non-finite, or larger than ``factor`` times
+    the median of the last ``window`` finite norms. The level is relative to the run
+    itself and follows every finite norm, skipped or not: an isolated spike is
+    skipped, while a lasting change of scale moves the median within ``window / 2``
+    steps and updates resume (a fixed threshold could skip every update forever).
+    The first ``window // 4`` steps are only checked for being finite.
+    """
+
+    def __init__(self, factor: float | None, window: int = 100):
+        self.factor = factor
+        self.history: deque[float] = deque(maxlen=window)
+        self.skipped = 0
+
+    def should_skip(self, grad_norm: float) -> bool:
+        skip = not math.isfinite(grad_norm)
+        if not skip:
+            if self.factor is not None and len(self.history) >= self.history.maxlen // 4:
+                median = sorted(self.history)[len(self.history) // 2]
+                skip = grad_norm > self.factor * median
+            self.history.append(grad_norm)
+        self.skipped += skip
+        return skip
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.clear()
+        self.history.extend(state["history"])
+        self.skipped = state["skipped"]
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point state:
+    ``shadow <- decay * shadow + (1 - decay) * current`` after every accepted update."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        current = module.state_dict()
+        for name, value in self.shadow.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.lerp_(current[name], 1 - self.decay)
+            else:
+                value.copy_(current[name])
+
+
+@dataclass
+class StepStats:
+    """What one step reports; tensors stay on the device until logged."""
+
+    loss: torch.Tensor
+    elbo: torch.Tensor
+    reconstruction: torch.Tensor
+    kl: dict[str, torch.Tensor]
+    grad_norm: float
+    skipped: bool
+
+
+class TrainStep:
+    """One optimizer update of ``model``/``guide`` on a batch.
+
+    :param module: the module holding every parameter (e.g. the VAE).
+    :param elbo: the objective; its ``beta`` and ``free_bits`` may change between steps.
+    """
+
+    def __init__(
+        self,
+        model,
+        guide,
+        module: nn.Module,
+        elbo: HierarchicalELBO,
+        optimizer: torch.optim.Optimizer,
+        *,
+        grad_clip: float | None,
+        skipper: UpdateSkipper,
+        ema: EMA | None = None,
+    ):
+        self.loss = elbo(model, guide)
+        self.elbo = elbo
+        self.module = module
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+        self.skipper = skipper
+        self.ema = ema
+
+    def __call__(self, x: torch.Tensor) -> StepStats:
+        # a skipped update must leave no trace: batch-norm statistics move in the forward pass
+        buffers = [b.detach().clone() for b in self.module.buffers() if b.dtype.is_floating_point]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(x)
+        loss.backward()
+        max_norm = self.grad_clip if self.grad_clip is not None else math.inf
+        grad_norm = float(nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        skipped = self.skipper.should_skip(grad_norm)
+        if skipped:
+            with torch.no_grad():
+                for saved, b in zip(buffers, (b for b in self.module.buffers() if b.dtype.is_floating_point)):
+                    b.copy_(saved)
+        else:
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.module)
+        terms = self.elbo.terms
+        return StepStats(
+            loss=loss.detach() / x.shape[0],
+            elbo=terms["elbo"],
+            reconstruction=terms["reconstruction"],
+            kl=terms["kl"],
+            grad_norm=grad_norm,
+            skipped=skipped,
+        )

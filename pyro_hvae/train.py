@@ -1,0 +1,357 @@
+"""Training from a validated config: ``Trainer(cfg, run_dir).fit()``.
+
+The loop: draw a batch, set the KL warm-up weight, take one :class:`TrainStep`,
+step the learning-rate schedule; every ``log_every`` steps append a record to
+``metrics.jsonl``; every ``eval_every`` steps evaluate on the validation split (with
+the EMA weights when configured), save image grids and, on a new best validation
+ELBO, ``best.pt``; every ``checkpoint_every`` steps save ``last.pt`` with everything a
+resumed run needs to continue exactly as if never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from pyro_hvae.config import Config, ModelConfig, dump_config
+from pyro_hvae.data import InMemoryLoader, Splits, load_splits
+from pyro_hvae.infer.elbo import HierarchicalELBO
+from pyro_hvae.infer.iw import log_likelihood
+from pyro_hvae.infer.step import EMA, TrainStep, UpdateSkipper, kl_weight, warmup_cosine
+from pyro_hvae.likelihoods import Bernoulli, Categorical, Likelihood, LogisticMixture
+from pyro_hvae.models import BottomUpVAE, HierarchicalVAE, LadderVAE
+from pyro_hvae.run import MetricsLog, RunError, load_checkpoint, save_checkpoint, write_run_info
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamax": torch.optim.Adamax,
+    "adamw": torch.optim.AdamW,
+}
+
+#: Consecutive skipped updates after which training stops: the run has diverged.
+MAX_CONSECUTIVE_SKIPS = 100
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message names the likely cause."""
+
+
+def build_likelihood(cfg: ModelConfig) -> Likelihood:
+    if cfg.likelihood == "categorical":
+        return Categorical(cfg.num_levels)
+    if cfg.likelihood == "logistic_mixture":
+        return LogisticMixture(cfg.num_mixtures)
+    return Bernoulli()
+
+
+def build_model(cfg: ModelConfig, data_shape: tuple[int, ...]) -> HierarchicalVAE:
+    """The hierarchy a model config describes."""
+    common = dict(
+        likelihood=build_likelihood(cfg),
+        batch_norm=cfg.batch_norm,
+        activation=cfg.activation,
+    )
+    if cfg.kind == "bottom_up":
+        return BottomUpVAE(data_shape, cfg.latent_dims, cfg.hidden_dims, **common)
+    return LadderVAE(data_shape, cfg.latent_dims, cfg.hidden_dims, posterior=cfg.posterior, flows=cfg.flows, **common)
+
+
+def uses_analytic_kl(cfg: Config) -> bool:
+    """Analytic KL where valid: a bottom-up guide samples latents against the model's
+    order, so its KL is always Monte Carlo."""
+    return cfg.train.elbo == "analytic" and cfg.model.kind == "ladder"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``auto`` (cuda when available)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda: no CUDA device is available here; use --device cpu or --device auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class Trainer:
+    """Trains the hierarchy of ``cfg`` and writes the run folder ``run_dir``.
+
+    Build it, optionally :meth:`resume` from a checkpoint state, then :meth:`fit`.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, *, device: torch.device, splits: Splits | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.device = device
+        self.splits = splits if splits is not None else load_splits(cfg.data)
+        pyro.set_rng_seed(cfg.seed)  # before building: IAF networks draw their masks
+        self.vae = build_model(cfg.model, self.splits.data_shape).to(device)
+        train, optim = cfg.train, cfg.optim
+        self.elbo = HierarchicalELBO(
+            train.num_particles,
+            free_bits=train.free_bits,
+            analytic_kl=uses_analytic_kl(cfg),
+            max_plate_nesting=1,
+        )
+        self.optimizer = OPTIMIZERS[optim.name](
+            self.vae.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
+        )
+        schedule = partial(
+            warmup_cosine,
+            warmup_steps=optim.warmup_steps,
+            total_steps=train.steps,
+            min_ratio=min(1.0, optim.min_lr / optim.lr),
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.ema = EMA(self.vae, train.ema_decay) if train.ema_decay else None
+        self.skipper = UpdateSkipper(train.skip_factor)
+        self.take_step = TrainStep(
+            self.vae.model, self.vae.guide, self.vae, self.elbo, self.optimizer,
+            grad_clip=train.grad_clip, skipper=self.skipper, ema=self.ema,
+        )
+        self.loader = InMemoryLoader(self.splits.train, cfg.data.batch_size, shuffle=True, drop_last=True, seed=cfg.seed)
+        self.step = 0
+        self.best: dict[str, Any] = {"val_elbo": -math.inf, "step": None}
+        self.stale_evaluations = 0
+
+    @property
+    def eval_vae(self) -> HierarchicalVAE:
+        """The weights used for evaluation: the EMA when configured."""
+        return self.ema.shadow if self.ema is not None else self.vae
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "kind": "last",
+            "config": dump_config(self.cfg),
+            "step": self.step,
+            "model": self.vae.state_dict(),
+            "ema": self.ema.shadow.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "skipper": self.skipper.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": rng,
+            "best": dict(self.best),
+            "stale_evaluations": self.stale_evaluations,
+            "data": self.splits.describe(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.vae.load_state_dict(state["model"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.shadow.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.skipper.load_state_dict(state["skipper"])
+        self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+        self.step = state["step"]
+        self.best = dict(state["best"])
+        self.stale_evaluations = state["stale_evaluations"]
+
+    def save_last(self) -> None:
+        save_checkpoint(self.run_dir / "last.pt", self.state_dict())
+
+    def save_best(self, metrics: dict[str, Any]) -> None:
+        save_checkpoint(
+            self.run_dir / "best.pt",
+            {
+                "kind": "best",
+                "config": dump_config(self.cfg),
+                "step": self.step,
+                "model": self.eval_vae.state_dict(),
+                "ema": self.ema is not None,
+                "val": metrics,
+                "data": self.splits.describe(),
+            },
+        )
+
+    # ---------------------------------------------------------------- loop
+
+    def fit(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Train until ``train.steps`` (or ``stop_at``, or early stopping); return a summary."""
+        train = self.cfg.train
+        end = train.steps if stop_at is None else min(stop_at, train.steps)
+        if self.step == 0:
+            write_run_info(self.run_dir, dump_config(self.cfg), {"device": str(self.device), "data": self.splits.describe()})
+        log = MetricsLog(self.run_dir / "metrics.jsonl", self.run_dir / "tensorboard")
+        progress = tqdm(total=train.steps, initial=self.step, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        batches = self.loader.forever()
+        stopped_early = False
+        window_start, window_images, consecutive_skips = time.perf_counter(), 0, 0
+        first_step = True
+        self.vae.train()
+        try:
+            with pyro.settings.context(module_local_params=True):
+                while self.step < end and not stopped_early:
+                    x = next(batches).to(self.device, non_blocking=True)
+                    self.elbo.beta = kl_weight(self.step, train.kl_warmup_steps)
+                    # Pyro's validation (shapes, supports) on the first step only: it costs time
+                    with pyro.validation_enabled(first_step):
+                        stats = self._first_step(x) if first_step else self.take_step(x)
+                    first_step = False
+                    self.scheduler.step()
+                    self.step += 1
+                    window_images += x.shape[0]
+                    consecutive_skips = consecutive_skips + 1 if stats.skipped else 0
+                    self._check_divergence(stats, consecutive_skips)
+                    if self.step % train.log_every == 0 or self.step == end:
+                        elapsed = time.perf_counter() - window_start
+                        record = self._train_record(stats, window_images / max(elapsed, 1e-9))
+                        log.write(record)
+                        self._report(progress, record)
+                        window_start, window_images = time.perf_counter(), 0
+                    if self.step % train.eval_every == 0 or self.step == train.steps:
+                        stopped_early = self._evaluate_and_keep_best(log)
+                    if self.step % train.checkpoint_every == 0 or self.step == end or stopped_early:
+                        self.save_last()
+        finally:
+            progress.close()
+            log.close()
+        return {
+            "run_dir": str(self.run_dir),
+            "step": self.step,
+            "best_val_elbo": self.best["val_elbo"],
+            "best_step": self.best["step"],
+            "stopped_early": stopped_early,
+            "skipped_updates": self.skipper.skipped,
+        }
+
+    def _first_step(self, x: torch.Tensor):
+        """The first step of a fit, whose validation errors become one clear message."""
+        try:
+            return self.take_step(x)
+        except ValueError as err:
+            problem = str(err).strip().splitlines()[0][:300]
+            raise TrainingError(
+                f"the first training step failed: {problem}; likely causes are data outside the "
+                "likelihood's support, NaN weights in a checkpoint, or a learning rate far too high (optim.lr)"
+            ) from None
+
+    def _check_divergence(self, stats, consecutive_skips: int) -> None:
+        if self.step == 1 and not bool(torch.isfinite(stats.loss)):
+            raise TrainingError(
+                "the loss is NaN/inf at the first step: likely causes are data outside the likelihood's "
+                "support or a learning rate far too high (optim.lr); no checkpoint was written"
+            )
+        if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise TrainingError(
+                f"{consecutive_skips} updates in a row were skipped (non-finite or exploding gradients) "
+                f"at step {self.step}: training diverged; lower optim.lr or raise train.kl_warmup_steps; "
+                "last.pt holds the last good checkpoint"
+            )
+
+    def _train_record(self, stats, images_per_s: float) -> dict[str, Any]:
+        return {
+            "kind": "train",
+            "step": self.step,
+            "elbo": float(stats.elbo),
+            "loss": float(stats.loss),
+            "reconstruction": float(stats.reconstruction),
+            "kl": {name: float(value) for name, value in sorted(stats.kl.items())},
+            "beta": self.elbo.beta,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": stats.grad_norm,
+            "skipped_updates": self.skipper.skipped,
+            "images_per_s": images_per_s,
+        }
+
+    def _report(self, progress: tqdm, record: dict[str, Any]) -> None:
+        kl = sum(record["kl"].values())
+        if progress.disable:
+            print(
+                f"step {record['step']}/{self.cfg.train.steps} elbo {record['elbo']:.2f} kl {kl:.2f} "
+                f"beta {record['beta']:.3g} lr {record['lr']:.3g} img/s {record['images_per_s']:.0f} "
+                f"skipped {record['skipped_updates']}",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            progress.set_postfix(elbo=f"{record['elbo']:.2f}", kl=f"{kl:.2f}", img_s=f"{record['images_per_s']:.0f}")
+            progress.update(record["step"] - progress.n)
+
+    # ---------------------------------------------------------- evaluation
+
+    def _evaluate_and_keep_best(self, log: MetricsLog) -> bool:
+        """Evaluate; save images and, when improved, best.pt. Returns whether to stop early."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.seed + self.step)
+            metrics = evaluate_elbo(self.eval_vae, self.splits.val, self.cfg, self.device)
+            self._save_images()
+        improved = metrics["val_elbo"] > self.best["val_elbo"]
+        if improved:
+            self.best = {"val_elbo": metrics["val_elbo"], "step": self.step}
+            self.stale_evaluations = 0
+            self.save_best(metrics)
+        else:
+            self.stale_evaluations += 1
+        log.write({"kind": "eval", "step": self.step, **metrics, "best": improved})
+        patience = self.cfg.train.early_stopping_patience
+        return patience is not None and self.stale_evaluations >= patience
+
+    @torch.no_grad()
+    def _save_images(self) -> None:
+        """Prior samples (8 x 8) and validation images beside their reconstructions."""
+        vae = self.eval_vae
+        was_training = vae.training
+        vae.eval()
+        folder = self.run_dir / "images"
+        folder.mkdir(exist_ok=True)
+        save_image(vae.sample(64), folder / f"samples_{self.step:07d}.png", nrow=8)
+        x = self.splits.val.batch(torch.arange(min(32, len(self.splits.val)))).to(self.device)
+        pairs = torch.stack([x, vae.reconstruct(x)], dim=1).flatten(0, 1)
+        save_image(pairs, folder / f"reconstructions_{self.step:07d}.png", nrow=8)
+        vae.train(was_training)
+
+
+@torch.no_grad()
+def evaluate_elbo(vae: HierarchicalVAE, dataset, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """Validation metrics per image: ELBO, reconstruction, KL per layer and, when
+    ``train.val_num_samples > 0``, an importance-weighted bound with that many samples."""
+    was_training = vae.training
+    vae.eval()
+    elbo = HierarchicalELBO(analytic_kl=uses_analytic_kl(cfg), max_plate_nesting=1)
+    totals: dict[str, Any] = {"elbo": 0.0, "reconstruction": 0.0, "kl": {}, "iw": 0.0}
+    K = cfg.train.val_num_samples
+    for start in range(0, len(dataset), cfg.data.eval_batch_size):
+        index = torch.arange(start, min(start + cfg.data.eval_batch_size, len(dataset)))
+        x = dataset.batch(index).to(device)
+        elbo.differentiable_loss(vae.model, vae.guide, x)
+        n = x.shape[0]
+        totals["elbo"] += float(elbo.terms["elbo"]) * n
+        totals["reconstruction"] += float(elbo.terms["reconstruction"]) * n
+        for name, kl in elbo.terms["kl"].items():
+            totals["kl"][name] = totals["kl"].get(name, 0.0) + float(kl) * n
+        if K:
+            totals["iw"] += float(log_likelihood(vae.model, vae.guide, x, num_samples=K).sum())
+    vae.train(was_training)
+    n = len(dataset)
+    metrics = {
+        "val_elbo": totals["elbo"] / n,
+        "val_reconstruction": totals["reconstruction"] / n,
+        "val_kl": {name: value / n for name, value in sorted(totals["kl"].items())},
+    }
+    if K:
+        metrics[f"val_iw_{K}"] = totals["iw"] / n
+    return metrics
+
+
+def load_for_resume(run_dir: Path) -> dict[str, Any]:
+    """The ``last.pt`` state of ``run_dir``, with a clear error when there is none."""
+    if not (run_dir / "last.pt").exists():
+        raise RunError(f"--resume {run_dir}: no last.pt there; pass the folder of a run that has saved a checkpoint")
+    return load_checkpoint(run_dir / "last.pt")
