@@ -1,0 +1,294 @@
+"""Held-out evaluation of a trained run: ``evaluate_checkpoint(RUN_DIR)``.
+
+Per image of the chosen split it computes
+
+* the ELBO from one posterior sample, ``log p(x | z) - sum_l KL_l``, with the same
+  per-layer KL as training's validation ELBO (analytic where
+  :func:`~pyro_hvae.train.uses_analytic_kl` says it is valid, else Monte Carlo);
+* the importance-weighted estimate of ``log p(x)`` with ``K`` samples
+  (:func:`~pyro_hvae.infer.iw.log_likelihood`), with the Pareto ``k-hat`` and the
+  Kish effective sample size of its ``K`` weights;
+* the KL of each latent layer, and the posterior means behind the active-unit counts.
+
+and writes, into one folder (default ``RUN_DIR/eval-<split>-K<K>/``)::
+
+    results.json       summary: NLL in nats and bits/dim, ELBO, k-hat, ESS, KL and
+                       active units per layer, checkpoint, data and versions
+    per_example.npz    the per-image values (elbo, log_likelihood, khat,
+                       ess_fraction, kl_<site>, index = row in the data file)
+    diagnostics.png    k-hat per image against its threshold; mean KL per layer
+
+Summary values that are not finite are written as null: the k-hat mean and max for
+``K = 1`` or when some image has too few samples for ArviZ's tail fit (about
+``K < 25``, reported as an infinite k-hat). Each file is written atomically. Results are identical for the same seed, K, chunk
+size and batch size; other chunk or batch sizes draw the samples in another order
+and agree only in distribution.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pyro
+import torch
+from tqdm import tqdm
+
+from pyro_hvae.config import Config, config_from_yaml
+from pyro_hvae.data import load_splits
+from pyro_hvae.infer.diagnostics import (
+    active_units,
+    effective_sample_size,
+    kl_per_site,
+    khat_threshold,
+    pareto_khat,
+    posterior_means,
+)
+from pyro_hvae.infer.elbo import site_kl
+from pyro_hvae.infer.iw import get_traces, log_likelihood
+from pyro_hvae.likelihoods import bits_per_dim
+from pyro_hvae.models import HierarchicalVAE
+from pyro_hvae.run import RunError, load_checkpoint, versions
+from pyro_hvae.train import build_model, uses_analytic_kl
+
+__all__ = ["evaluate_checkpoint"]
+
+#: The files of one evaluation, beside (and including) ``results.json``.
+COMPANIONS = ("per_example.npz", "diagnostics.png")
+
+
+def evaluate_checkpoint(
+    target: str | Path,
+    *,
+    num_samples: int | None = None,
+    split: str | None = None,
+    batch_size: int | None = None,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+    device: torch.device = torch.device("cpu"),
+    force: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a run folder (its ``best.pt``, else ``last.pt``) or a ``.pt`` checkpoint.
+
+    :param target: run folder or checkpoint file.
+    :param num_samples: importance samples ``K >= 1`` per image (default ``eval.num_samples``).
+    :param split: ``"test"`` or ``"val"`` (default ``eval.split``).
+    :param batch_size: images per batch (default ``eval.batch_size``).
+    :param chunk_size: importance samples per forward pass (default ``eval.chunk_size``,
+        where null means all ``K``).
+    :param seed: seed of every random draw, set with :func:`pyro.set_rng_seed`.
+    :param out: path of ``results.json`` (an existing folder means ``out/results.json``);
+        the other files go beside it. Default ``RUN_DIR/eval-<split>-K<K>/results.json``.
+    :param device: where the network runs.
+    :param force: overwrite results already in the output folder.
+    :returns: the contents of ``results.json``; its ``"results"`` entry is its path.
+    :raises RunError: for bad arguments, a missing or foreign checkpoint, or existing results.
+    """
+    for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size), ("chunk_size", chunk_size)):
+        if value is not None and value < 1:
+            raise RunError(f"{flag} must be >= 1, got {value}; pass a positive number or leave it out for the run's eval default")
+    if split not in (None, "test", "val"):
+        raise RunError(f"--split must be 'test' or 'val', got {split!r}; the training split is never evaluated")
+    path = _checkpoint_path(Path(target))
+    state = load_checkpoint(path)
+    cfg = config_from_yaml(state["config"], f"{path} (stored config)")
+    K = num_samples or cfg.eval.num_samples
+    split = split or cfg.eval.split
+    batch_size = batch_size or cfg.eval.batch_size
+    chunk_size = chunk_size or cfg.eval.chunk_size or K
+    results_path = _results_path(out, path.parent, split, K, force)
+
+    splits = load_splits(cfg.data)
+    vae, ema = _load_vae(state, cfg, splits.data_shape, path)
+    vae.to(device).eval()
+    dataset = getattr(splits, split)
+    pyro.set_rng_seed(seed)
+    with torch.no_grad(), pyro.validation_enabled(False), pyro.settings.context(module_local_params=True):
+        per_image, means = _per_image(vae, dataset, K, chunk_size, batch_size, uses_analytic_kl(cfg), device)
+
+    sites = [name for name in per_image if name.startswith("kl_")]
+    num_dims = math.prod(splits.data_shape)
+    elbo, ll = float(per_image["elbo"].mean()), float(per_image["log_likelihood"].mean())
+    khat, ess = per_image["khat"], per_image["ess_fraction"]
+    threshold = khat_threshold(K) if K > 1 else None
+    results = {
+        "checkpoint": str(path),
+        "checkpoint_kind": state.get("kind"),
+        "step": state["step"],
+        "ema": ema,
+        "split": split,
+        "num_images": len(dataset),
+        "num_samples": K,
+        "chunk_size": chunk_size,
+        "batch_size": batch_size,
+        "seed": seed,
+        "device": str(device),
+        "data": splits.describe(),
+        "elbo": elbo,
+        "log_likelihood": ll,
+        "nll_nats": -ll,
+        "nll_bits_per_dim": bits_per_dim(-ll, num_dims),
+        "elbo_bits_per_dim": bits_per_dim(-elbo, num_dims),
+        "khat": {
+            "mean": _finite(khat.mean()),
+            "max": _finite(khat.max()),
+            "threshold": threshold,
+            "fraction_above": None if threshold is None else float((khat > threshold).mean()),
+        },
+        "ess_fraction": {"mean": float(ess.mean()), "min": float(ess.min())},
+        "kl_per_layer": {name[3:]: float(per_image[name].mean()) for name in sites},
+        "active_units": {name: [active_units(m)[0], m.shape[1]] for name, m in means.items()},
+        "versions": versions(),
+        "results": str(results_path),
+    }
+    _write(results_path, results, per_image)
+    return results
+
+
+def _checkpoint_path(target: Path) -> Path:
+    """``target`` itself, or the ``best.pt`` (else ``last.pt``) of a run folder."""
+    if not target.exists():
+        raise RunError(f"{target} does not exist; pass a run folder (holding best.pt or last.pt) or a .pt checkpoint")
+    if target.is_file():
+        return target
+    for name in ("best.pt", "last.pt"):
+        if (target / name).is_file():
+            return target / name
+    raise RunError(f"{target} holds no best.pt or last.pt; pass a run folder of pyro-hvae train that has saved a checkpoint")
+
+
+def _results_path(out: str | Path | None, run_dir: Path, split: str, K: int, force: bool) -> Path:
+    """Where ``results.json`` goes; refuses a folder that already holds results unless ``force``."""
+    if out is None:
+        path = run_dir / f"eval-{split}-K{K}" / "results.json"
+    else:
+        path = Path(out) / "results.json" if Path(out).is_dir() else Path(out)
+    existing = [p.name for p in (path, *(path.parent / name for name in COMPANIONS)) if p.exists()]
+    if existing and not force:
+        raise RunError(
+            f"{path.parent} already holds evaluation results ({', '.join(existing)}); "
+            "pass --force to overwrite them or --out to write elsewhere"
+        )
+    return path
+
+
+def _load_vae(state: dict[str, Any], cfg: Config, data_shape: tuple[int, ...], path: Path) -> tuple[HierarchicalVAE, bool]:
+    """The network of a checkpoint, with the weights training evaluated: the EMA when there is one."""
+    if state.get("kind") == "last":
+        ema = state["ema"] is not None
+        weights = state["ema"] if ema else state["model"]
+    else:
+        ema, weights = bool(state.get("ema")), state.get("model")
+    vae = build_model(cfg.model, data_shape)
+    try:
+        vae.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunError(f"{path}: the weights do not fit the model its config describes ({reason[:200]}); the checkpoint is damaged") from None
+    return vae, ema
+
+
+def _per_image(
+    vae: HierarchicalVAE,
+    dataset,
+    K: int,
+    chunk_size: int,
+    batch_size: int,
+    analytic: bool,
+    device: torch.device,
+) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """Per-image arrays (see the module docstring) and posterior means per latent site."""
+    columns: dict[str, list[torch.Tensor]] = {}
+    means: dict[str, list[torch.Tensor]] = {}
+    progress = tqdm(total=len(dataset), unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    with progress:
+        for start in range(0, len(dataset), batch_size):
+            x = dataset.batch(torch.arange(start, min(start + batch_size, len(dataset)))).to(device)
+            model_trace, guide_trace = get_traces(vae.model, vae.guide, x)
+            reconstruction = model_trace.nodes["x"]["fn"].log_prob(x)
+            if analytic:
+                kl = kl_per_site(model_trace, guide_trace)
+            else:  # a guide that samples against the model's order: Monte Carlo KL
+                kl = {name: site_kl(guide_trace.nodes[name], model_trace.nodes[name], analytic=False) for name in vae.latent_sites}
+            estimate, log_weights = log_likelihood(
+                vae.model, vae.guide, x, num_samples=K, chunk_size=chunk_size, return_log_weights=True
+            )
+            log_weights = log_weights.cpu()
+            row = {
+                "elbo": reconstruction - sum(kl.values()),
+                "log_likelihood": estimate,
+                "khat": _khat(log_weights),
+                "ess_fraction": effective_sample_size(log_weights) / K,
+                **{f"kl_{name}": kl[name] for name in vae.latent_sites},
+            }
+            for key, value in row.items():
+                columns.setdefault(key, []).append(value.detach().cpu())
+            for name, mean in posterior_means(vae.model, vae.guide, [x]).items():
+                means.setdefault(name, []).append(mean.cpu())
+            progress.update(x.shape[0])
+    per_image = {key: torch.cat(values).double().numpy() for key, values in columns.items()}
+    per_image["index"] = dataset.indices.numpy()
+    return per_image, {name: torch.cat(values) for name, values in means.items()}
+
+
+def _khat(log_weights: torch.Tensor) -> torch.Tensor:
+    """Pareto k-hat per image, NaN for K = 1. On degenerate tails ArviZ's fit divides by
+    zero on the way to a (correct) huge or infinite k-hat: numpy's warnings are silenced."""
+    if log_weights.shape[0] == 1:
+        return torch.full(log_weights.shape[1:], math.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return pareto_khat(log_weights)
+
+
+def _finite(value: float) -> float | None:
+    """``value`` as a float, or None (JSON null) when it is NaN or infinite."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _write(results_path: Path, results: dict[str, Any], per_image: dict[str, np.ndarray]) -> None:
+    """Write the three result files, each atomically; ``results.json`` last."""
+    folder = results_path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic(folder / "per_example.npz", lambda f: np.savez(f, **per_image))
+    _atomic(folder / "diagnostics.png", lambda f: _figure(results, per_image).savefig(f, format="png", dpi=100))
+    _atomic(results_path, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
+
+
+def _atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write ``path`` through a temporary file in its folder, then rename it into place."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        try:
+            write(f)
+        except BaseException:
+            f.close()
+            os.unlink(f.name)
+            raise
+    os.replace(f.name, path)
+
+
+def _figure(results: dict[str, Any], per_image: dict[str, np.ndarray]):
+    """Left: k-hat per image with its threshold; right: mean KL per layer."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    khat = per_image["khat"]
+    left.plot(np.arange(len(khat)), khat, ".", markersize=3, alpha=0.6)
+    threshold = results["khat"]["threshold"]
+    if threshold is not None:
+        left.axhline(threshold, color="C3", label=f"threshold {threshold:.2f} (K={results['num_samples']})")
+        left.legend(loc="upper right")
+    left.set(xlabel=f"image ({results['split']})", ylabel="Pareto k-hat", title="PSIS k-hat per image")
+    layers = results["kl_per_layer"]
+    right.bar(list(layers), list(layers.values()), color="C1")
+    right.set(xlabel="latent layer", ylabel="KL (nats per image)", title="KL per layer")
+    return figure
