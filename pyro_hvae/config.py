@@ -145,11 +145,6 @@ class DataConfig(_Section):
     eval_batch_size: PositiveInt = Field(
         500, description="Batch size for validation passes during training."
     )
-    num_workers: NonNegativeInt = Field(
-        0,
-        description="Worker processes when the datasets are read through a torch "
-        "DataLoader; the in-memory batch loader needs none.",
-    )
 
     @model_validator(mode="after")
     def _colour_images_are_not_binarized(self) -> "DataConfig":

@@ -29,12 +29,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pyro
@@ -55,7 +52,7 @@ from pyro_hvae.infer.elbo import site_kl
 from pyro_hvae.infer.iw import get_traces, log_likelihood
 from pyro_hvae.likelihoods import bits_per_dim
 from pyro_hvae.models import HierarchicalVAE
-from pyro_hvae.run import RunError, load_checkpoint, versions
+from pyro_hvae.run import RunError, atomic_write, load_checkpoint, versions
 from pyro_hvae.train import build_model, uses_analytic_kl
 
 __all__ = ["evaluate_checkpoint"]
@@ -258,21 +255,9 @@ def _write(results_path: Path, results: dict[str, Any], per_image: dict[str, np.
     """Write the three result files, each atomically; ``results.json`` last."""
     folder = results_path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic(folder / "per_example.npz", lambda f: np.savez(f, **per_image))
-    _atomic(folder / "diagnostics.png", lambda f: _figure(results, per_image).savefig(f, format="png", dpi=100))
-    _atomic(results_path, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
-
-
-def _atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write ``path`` through a temporary file in its folder, then rename it into place."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        try:
-            write(f)
-        except BaseException:
-            f.close()
-            os.unlink(f.name)
-            raise
-    os.replace(f.name, path)
+    atomic_write(folder / "per_example.npz", lambda f: np.savez(f, **per_image))
+    atomic_write(folder / "diagnostics.png", lambda f: _figure(results, per_image).savefig(f, format="png", dpi=100))
+    atomic_write(results_path, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
 
 
 def _figure(results: dict[str, Any], per_image: dict[str, np.ndarray]):

@@ -24,7 +24,8 @@ import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 import pyro
 import torch
@@ -81,10 +82,21 @@ def write_run_info(path: Path, config_yaml: str, info: dict[str, Any]) -> None:
     _atomic_write_text(path / "run.json", json.dumps(record, indent=2, default=str) + "\n")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(text)
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write ``path`` through a temporary file in its folder, then rename it into place:
+    a crash leaves the old file or the new one, never half of one."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        try:
+            write(f)
+        except BaseException:
+            f.close()
+            os.unlink(f.name)
+            raise
     os.replace(f.name, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class MetricsLog:
@@ -136,9 +148,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` (tensors and plain values) to ``path`` atomically, tagged as ours."""
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        torch.save(payload, f)
-    os.replace(f.name, path)
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -291,10 +291,11 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.cfg.seed + self.step)
             metrics = evaluate_elbo(self.eval_vae, self.splits.val, self.cfg, self.device)
-            self._save_images()
-        improved = metrics["val_elbo"] > self.best["val_elbo"]
+            self._save_images(self.splits.val if len(self.splits.val) else self.splits.train)
+        # without a validation split (data.val_size: 0) the latest weights count as best
+        improved = not metrics or metrics["val_elbo"] > self.best["val_elbo"]
         if improved:
-            self.best = {"val_elbo": metrics["val_elbo"], "step": self.step}
+            self.best = {"val_elbo": metrics.get("val_elbo"), "step": self.step}
             self.stale_evaluations = 0
             self.save_best(metrics)
         else:
@@ -304,15 +305,15 @@ class Trainer:
         return patience is not None and self.stale_evaluations >= patience
 
     @torch.no_grad()
-    def _save_images(self) -> None:
-        """Prior samples (8 x 8) and validation images beside their reconstructions."""
+    def _save_images(self, images) -> None:
+        """Prior samples (8 x 8), and ``images`` beside their reconstructions."""
         vae = self.eval_vae
         was_training = vae.training
         vae.eval()
         folder = self.run_dir / "images"
         folder.mkdir(exist_ok=True)
         save_image(vae.sample(64), folder / f"samples_{self.step:07d}.png", nrow=8)
-        x = self.splits.val.batch(torch.arange(min(32, len(self.splits.val)))).to(self.device)
+        x = images.batch(torch.arange(min(32, len(images)))).to(self.device)
         pairs = torch.stack([x, vae.reconstruct(x)], dim=1).flatten(0, 1)
         save_image(pairs, folder / f"reconstructions_{self.step:07d}.png", nrow=8)
         vae.train(was_training)
@@ -322,6 +323,8 @@ class Trainer:
 def evaluate_elbo(vae: HierarchicalVAE, dataset, cfg: Config, device: torch.device) -> dict[str, Any]:
     """Validation metrics per image: ELBO, reconstruction, KL per layer and, when
     ``train.val_num_samples > 0``, an importance-weighted bound with that many samples."""
+    if len(dataset) == 0:
+        return {}
     was_training = vae.training
     vae.eval()
     elbo = HierarchicalELBO(analytic_kl=uses_analytic_kl(cfg), max_plate_nesting=1)

@@ -187,3 +187,12 @@ def test_divergence_stops_and_keeps_a_good_checkpoint(tiny, tmp_path):
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert last["step"] == 110
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.dtype.is_floating_point)
+
+
+def test_without_a_validation_split_the_latest_weights_count_as_best(tiny, tmp_path):
+    out = tmp_path / "run"
+    result = run("train", tiny, *TINY, "data.val_size=0", "train.steps=40", "train.eval_every=20", "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert torch.load(out / "best.pt", weights_only=True)["step"] == 40
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["best"] for r in evals] == [True, True] and "val_elbo" not in evals[0]

@@ -271,3 +271,18 @@ def test_to_cuda_moves_everything():
     loss = HierarchicalELBO(num_particles=2)(vae.model, vae.guide)(x)
     assert loss.device.type == "cuda"
     assert vae.sample(3).device.type == "cuda"
+
+
+def test_per_layer_kl_of_the_last_run_is_available_without_re_running():
+    from pyro_hvae.infer.diagnostics import kl_per_site
+
+    vae = small_ladder()
+    for head in vae.guide.heads:
+        torch.nn.init.normal_(head.net[-1].weight, std=0.3)
+    x = binary_batch(5)
+    loss = TraceMeanField_ELBO().loss(vae.model, vae.guide, x)
+    model_trace, guide_trace = vae.guide.get_traces()  # the traces of that very loss evaluation
+    kls = kl_per_site(model_trace, guide_trace)
+    assert set(kls) == {"z_1", "z_2", "z_3"} and all(kl.shape == (5,) for kl in kls.values())
+    log_px = model_trace.nodes["x"]["fn"].log_prob(x).sum()
+    assert float(log_px - sum(kl.sum() for kl in kls.values())) == pytest.approx(-loss, rel=1e-5)
