@@ -7,7 +7,9 @@ hierarchies of your own), the training objective and the evaluation functions.
 from pyro_hvae.infer.elbo import HierarchicalELBO, site_kl
 from pyro_hvae.infer.iw import get_traces, log_likelihood
 from pyro_hvae.latents import (
+    DELTA_LOG_SCALE_BOUNDS,
     IAF,
+    LOG_SCALE_BOUNDS,
     ConditionalNormal,
     IndependentNormal,
     ResidualNormal,
@@ -32,7 +34,9 @@ from pyro_hvae.nn import MLP, BatchNorm, FeatureNet, bounded, cat_features
 __version__ = "0.1.0"
 
 __all__ = [
+    "DELTA_LOG_SCALE_BOUNDS",
     "IAF",
+    "LOG_SCALE_BOUNDS",
     "MLP",
     "BatchNorm",
     "Bernoulli",

@@ -53,7 +53,7 @@ def train(args, out, device, resume, force, print_config):
     (e.g. optim.lr=3e-4 model.latent_dims=[32,16,8])."""
     from pyro_hvae.config import architecture_changes, dump_config, load_config
     from pyro_hvae.data import load_splits
-    from pyro_hvae.run import RunError, default_run_dir, prepare_run_dir
+    from pyro_hvae.run import RunError, default_run_dir, prepare_run_dir, record_resume
     from pyro_hvae.train import Trainer, load_for_resume, resolve_device
 
     if resume is not None:
@@ -80,9 +80,11 @@ def train(args, out, device, resume, force, print_config):
     splits = load_splits(cfg.data)  # before the run folder: missing data leaves nothing behind
     if resume is None:
         prepare_run_dir(run_dir, force=force)
-    trainer = Trainer(cfg, run_dir, device=target, splits=splits)
+    overrides = list(args if resume is not None else args[1:])
+    trainer = Trainer(cfg, run_dir, device=target, splits=splits, overrides=overrides)
     if resume is not None:
         trainer.load_state_dict(state)
+        record_resume(run_dir, trainer.step, overrides)
         click.echo(f"resuming {run_dir} at step {trainer.step}", err=True)
     else:
         click.echo(f"training into {run_dir} on {target}", err=True)

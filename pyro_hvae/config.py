@@ -228,11 +228,13 @@ class TrainConfig(_Section):
     )
     free_bits: NonNegativeFloat = Field(
         0.0,
-        description="Minimum KL in nats per latent layer below which its KL term "
-        "is not penalised (0 = off).",
+        description="Minimum KL in nats per latent layer (batch mean) below which "
+        "its KL term is not penalised (0 = off).",
     )
     grad_clip: Optional[PositiveFloat] = Field(
-        200.0, description="Clip the global gradient norm to this value (null = off)."
+        200.0,
+        description="Clip the global norm of the gradient of the per-image loss "
+        "(nats per image) to this value (null = off).",
     )
     skip_factor: Optional[PositiveFloat] = Field(
         10.0,

@@ -33,7 +33,7 @@ from pyro_hvae.nn import MLP, bounded, cat_features
 
 #: Bounds on a prior's (or independent posterior's) log-scale: sigma in [9e-4, 7.4].
 LOG_SCALE_BOUNDS = (-7.0, 2.0)
-#: Bounds on the residual log-scale ``log dsigma``: ``log dsigma^2`` in [-7, 2], as in seed 001.
+#: Bounds on the residual log-scale ``log dsigma``: ``log dsigma^2`` in [-7, 2], the bound of the two-level top-down VAE this package starts from.
 DELTA_LOG_SCALE_BOUNDS = (-3.5, 1.0)
 
 

@@ -4,7 +4,7 @@
 
     RUN_DIR/
       config.yaml      the resolved configuration (loads with ``load_config``)
-      run.json         overrides, command line, versions, device, data description
+      run.json         overrides, command line, versions, device, data description, resumes
       metrics.jsonl    one JSON record per log line or evaluation
       last.pt          full training state, for ``--resume``
       best.pt          the evaluation weights at the best validation ELBO
@@ -24,7 +24,7 @@ import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import pyro
@@ -93,6 +93,14 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             os.unlink(f.name)
             raise
     os.replace(f.name, path)
+
+
+def record_resume(path: Path, step: int, overrides: Sequence[str]) -> None:
+    """Append a resume (its step, overrides, command line and versions) to ``run.json``."""
+    info_path = path / "run.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info.setdefault("resumes", []).append({"step": step, "overrides": list(overrides), "argv": sys.argv, "versions": versions()})
+    _atomic_write_text(info_path, json.dumps(info, indent=2, default=str) + "\n")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

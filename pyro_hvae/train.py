@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,17 @@ class Trainer:
     Build it, optionally :meth:`resume` from a checkpoint state, then :meth:`fit`.
     """
 
-    def __init__(self, cfg: Config, run_dir: Path, *, device: torch.device, splits: Splits | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        *,
+        device: torch.device,
+        splits: Splits | None = None,
+        overrides: Sequence[str] = (),
+    ):
         self.cfg = cfg
+        self.overrides = list(overrides)
         self.run_dir = Path(run_dir)
         self.device = device
         self.splits = splits if splits is not None else load_splits(cfg.data)
@@ -187,7 +197,8 @@ class Trainer:
         train = self.cfg.train
         end = train.steps if stop_at is None else min(stop_at, train.steps)
         if self.step == 0:
-            write_run_info(self.run_dir, dump_config(self.cfg), {"device": str(self.device), "data": self.splits.describe()})
+            info = {"overrides": self.overrides, "device": str(self.device), "data": self.splits.describe()}
+            write_run_info(self.run_dir, dump_config(self.cfg), info)
         log = MetricsLog(self.run_dir / "metrics.jsonl", self.run_dir / "tensorboard")
         progress = tqdm(total=train.steps, initial=self.step, disable=not sys.stderr.isatty(), dynamic_ncols=True)
         batches = self.loader.forever()

@@ -55,6 +55,7 @@ def test_train_end_to_end_writes_the_run_folder(tiny, tmp_path):
     assert load_config(out / "config.yaml").model.latent_dims == [8, 4]
     info = json.loads((out / "run.json").read_text())
     assert {"python", "torch", "pyro", "pyro_hvae"} <= set(info["versions"])
+    assert info["overrides"] == [*TINY, "train.steps=300", "train.eval_every=100", "train.ema_decay=0.9"]
     records = read_metrics(out / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -103,6 +104,8 @@ def test_resume_refuses_architecture_changes_and_allows_longer_training(tiny, tm
     result = run("train", "--resume", out, "train.steps=30", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 30
+    resumes = json.loads((out / "run.json").read_text())["resumes"]
+    assert [(r["step"], r["overrides"]) for r in resumes] == [(20, ["train.steps=30"])]
 
 
 def one_error_line(result):

@@ -68,7 +68,7 @@ class HierarchicalELBO(ELBO):
     ``beta`` and ``free_bits`` are plain attributes: a training loop changes them
     between steps. After each evaluation, ``terms`` holds detached per-data-point
     means: ``"reconstruction"`` (``E_q log p(x|z)``), ``"kl"`` (a dict over sites,
-    bottom first as the model names them) and ``"elbo"`` (without warm-up or free bits).
+    in the order the model samples them, top first) and ``"elbo"`` (without warm-up or free bits).
 
     Use it like any Pyro ELBO: ``SVI(model, guide, optim, HierarchicalELBO())`` or
     ``HierarchicalELBO()(model, guide)`` as a differentiable ``nn.Module`` loss.

@@ -134,7 +134,7 @@ class TrainStep:
         # a skipped update must leave no trace: batch-norm statistics move in the forward pass
         buffers = [b.detach().clone() for b in self.module.buffers() if b.dtype.is_floating_point]
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(x)
+        loss = self.loss(x) / x.shape[0]  # per image: clipping and skipping thresholds do not scale with the batch
         loss.backward()
         max_norm = self.grad_clip if self.grad_clip is not None else math.inf
         grad_norm = float(nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
@@ -149,7 +149,7 @@ class TrainStep:
                 self.ema.update(self.module)
         terms = self.elbo.terms
         return StepStats(
-            loss=loss.detach() / x.shape[0],
+            loss=loss.detach(),
             elbo=terms["elbo"],
             reconstruction=terms["reconstruction"],
             kl=terms["kl"],

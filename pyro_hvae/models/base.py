@@ -28,6 +28,7 @@ class HierarchicalVAE(nn.Module):
 
     @property
     def data_shape(self) -> tuple[int, ...]:
+        """Shape of one data point, e.g. ``(1, 28, 28)``."""
         return self.model.data_shape
 
     @torch.no_grad()

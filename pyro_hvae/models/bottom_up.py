@@ -1,4 +1,4 @@
-"""The naive (bottom-up) hierarchy of seed 001, kept to show posterior collapse.
+"""The naive (bottom-up) two-level-style hierarchy, kept to show posterior collapse.
 
 Same generative model as :class:`~pyro_hvae.LadderVAE`,
 ``p(z_L) prod_l p(z_l | z_{l+1}) p(x | z_1)``, but the guide reverses the arrows:

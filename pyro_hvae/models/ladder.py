@@ -1,7 +1,7 @@
 """The ladder (top-down) VAE: a bottom-up deterministic pass, then one top-down loop
 shared by model and guide.
 
-With a residual posterior, the guide follows seed 001 step by step:
+With a residual posterior, the guide follows the top-down VAE's recipe step by step:
 
 1. bottom-up: ``r_1 = f_1(x)``, ``r_l = f_l(r_{l-1})``;
 2. ``[dmu_l, log dsigma_l] = NN_dl(r_l)`` for every layer;
@@ -120,7 +120,7 @@ class LadderVAE(HierarchicalVAE):
     :param likelihood: ``p(x | z_1)``; :class:`~pyro_hvae.likelihoods.Bernoulli` by default.
     :param posterior: ``"residual"`` (default), ``q = N(mu_l + dmu_l, sigma_l * dsigma_l)``
         with ``log dsigma`` bounded to ``[-3.5, 1]`` (``log dsigma^2`` in ``[-7, 2]``
-        as in seed 001, through a smooth map that keeps gradients at the bounds); or
+        as in the two-level top-down VAE, through a smooth map that keeps gradients at the bounds); or
         ``"independent"``, ``q = N(mu_q, sigma_q)`` from ``[r_l, z_{l+1}]``.
     :param flows: number of IAF flows on every layer's posterior (0: none).
     :param batch_norm: batch norm in every deterministic network.
