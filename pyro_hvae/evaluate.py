@@ -46,7 +46,7 @@ from pyro_hvae.infer.diagnostics import (
     kl_per_site,
     khat_threshold,
     pareto_khat,
-    posterior_means,
+    posterior_moments,
 )
 from pyro_hvae.infer.elbo import site_kl
 from pyro_hvae.infer.iw import get_traces, log_likelihood
@@ -142,7 +142,7 @@ def evaluate_checkpoint(
         },
         "ess_fraction": {"mean": float(ess.mean()), "min": float(ess.min())},
         "kl_per_layer": {name[3:]: float(per_image[name].mean()) for name in sites},
-        "active_units": {name: [active_units(m)[0], m.shape[1]] for name, m in means.items()},
+        "active_units": {name: [active_units(m, mc_variance=noise)[0], m.shape[1]] for name, (m, noise) in means.items()},
         "versions": versions(),
         "results": str(results_path),
     }
@@ -202,7 +202,8 @@ def _per_image(
     analytic: bool,
     device: torch.device,
 ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
-    """Per-image arrays (see the module docstring) and posterior means per latent site."""
+    """Per-image arrays (see the module docstring) and, per latent site, the stacked
+    ``[2, N, D]`` Monte Carlo posterior means and their noise variances."""
     columns: dict[str, list[torch.Tensor]] = {}
     means: dict[str, list[torch.Tensor]] = {}
     progress = tqdm(total=len(dataset), unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True)
@@ -228,12 +229,12 @@ def _per_image(
             }
             for key, value in row.items():
                 columns.setdefault(key, []).append(value.detach().cpu())
-            for name, mean in posterior_means(vae.model, vae.guide, [x]).items():
-                means.setdefault(name, []).append(mean.cpu())
+            for name, (mean, noise) in posterior_moments(vae.model, vae.guide, [x]).items():
+                means.setdefault(name, []).append(torch.stack([mean, noise]).cpu())
             progress.update(x.shape[0])
     per_image = {key: torch.cat(values).double().numpy() for key, values in columns.items()}
     per_image["index"] = dataset.indices.numpy()
-    return per_image, {name: torch.cat(values) for name, values in means.items()}
+    return per_image, {name: torch.cat(values, dim=1) for name, values in means.items()}
 
 
 def _khat(log_weights: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """`pyro-hvae train` end to end on real MNIST, resume, and every bad input."""
 
+import importlib.util
 import json
 
 import pytest
@@ -46,7 +47,8 @@ def test_version_and_print_config(tiny):
 
 def test_train_end_to_end_writes_the_run_folder(tiny, tmp_path):
     out = tmp_path / "run"
-    result = run("train", tiny, *TINY, "train.steps=300", "train.eval_every=100", "train.ema_decay=0.9", "--out", out, "--device", "cpu")
+    extra = ["train.steps=300", "train.eval_every=100", "train.ema_decay=0.9", "train.val_num_samples=10"]
+    result = run("train", tiny, *TINY, *extra, "--out", out, "--device", "cpu")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["step"] == 300 and summary["best_step"] is not None
@@ -55,7 +57,7 @@ def test_train_end_to_end_writes_the_run_folder(tiny, tmp_path):
     assert load_config(out / "config.yaml").model.latent_dims == [8, 4]
     info = json.loads((out / "run.json").read_text())
     assert {"python", "torch", "pyro", "pyro_hvae"} <= set(info["versions"])
-    assert info["overrides"] == [*TINY, "train.steps=300", "train.eval_every=100", "train.ema_decay=0.9"]
+    assert info["overrides"] == [*TINY, *extra]
     records = read_metrics(out / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -64,12 +66,15 @@ def test_train_end_to_end_writes_the_run_folder(tiny, tmp_path):
     assert set(train[0]["kl"]) == {"z_1", "z_2"}
     assert train[-1]["elbo"] > train[0]["elbo"] + 100  # nats per image
     assert evals[-1]["val_elbo"] > evals[0]["val_elbo"]
+    assert all(r["val_iw_10"] > r["val_elbo"] for r in evals)  # the cheap IW bound is tighter
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["kind"] == "best" and best["ema"] is True
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["step"] == 300
     assert len(list((out / "images").glob("samples_*.png"))) == 3
     assert len(list((out / "images").glob("reconstructions_*.png"))) == 3
+    if importlib.util.find_spec("tensorboard") is not None:  # the optional extra
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_resumed_run_ends_with_the_same_parameters(tiny, tmp_path):

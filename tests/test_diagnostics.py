@@ -212,7 +212,7 @@ class FlowMessenger(GuideMessenger):
 def test_posterior_means_over_batches():
     tl = TwoLayer()
     batches = [torch.randn(4, 5), (torch.randn(3, 5),), [torch.randn(2, 5)]]
-    means = posterior_means(tl.model, tl.guide, batches)
+    means = posterior_means(tl.model, tl.guide, batches, num_samples=4)
     data = torch.cat([b if torch.is_tensor(b) else b[0] for b in batches])
     assert set(means) == {"z1", "z2"}
     assert torch.equal(means["z2"], data[:, :2])
@@ -230,3 +230,30 @@ def test_posterior_means_flow_messenger_uses_monte_carlo():
     assert means["z2"].shape == (6, 2) and means["z1"].shape == (6, 3)
     assert torch.allclose(means["z2"], x[:, :2].exp(), rtol=0.01)
     assert torch.allclose(means["z1"], x[:, 2:].exp(), rtol=0.01)
+
+
+def test_active_units_see_through_upstream_noise_in_a_hierarchy():
+    """z2 | x ignores x (collapsed) and z1 | z2 copies z2: E_q[z1 | x] = 0 for every x,
+    although each conditional mean of z1 varies with the sampled z2."""
+    from pyro_hvae.infer.diagnostics import posterior_moments
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z2 = pyro.sample("z2", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("z1", dist.Normal(z2, 0.01).to_event(1))
+            pyro.sample("x", dist.Normal(torch.zeros(x.shape[0], 3), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            z2 = pyro.sample("z2", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("z1", dist.Normal(torch.cat([z2[..., :1], x[..., :1].expand(z2[..., :1].shape)], -1), 0.01).to_event(1))
+
+    pyro.set_rng_seed(0)
+    x = torch.randn(500, 3)
+    moments = posterior_moments(model, guide, [x], num_samples=200)
+    mean, noise = moments["z1"]
+    assert mean.shape == noise.shape == (500, 2)
+    assert active_units(mean, mc_variance=noise)[0] == 1  # only the unit that copies x
+    single_draw = mean + torch.randn_like(mean) * (noise * 200).sqrt()
+    assert active_units(single_draw)[0] == 2  # one draw of the upstream latent would count both
+    assert active_units(moments["z2"][0], mc_variance=moments["z2"][1])[0] == 0

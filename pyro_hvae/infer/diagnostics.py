@@ -12,6 +12,7 @@ from collections import defaultdict
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import pyro
 import torch
 from torch import Tensor
 from torch.distributions import Distribution
@@ -20,7 +21,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine import Trace
 
 from .elbo import site_kl
-from .iw import _find_frame, _sum_except, get_traces
+from .iw import _PARTICLE_PLATE, _find_frame, _max_plate_nesting, _sum_except, get_traces
 
 ArrayLike = Union[Tensor, np.ndarray]
 
@@ -109,30 +110,101 @@ def effective_sample_size(log_weights: ArrayLike) -> Tensor:
     return torch.exp(2 * log_weights.logsumexp(0) - (2 * log_weights).logsumexp(0))
 
 
-def active_units(posterior_means: Tensor, threshold: float = 0.01) -> Tuple[int, Tensor]:
+def active_units(
+    posterior_means: Tensor, threshold: float = 0.01, mc_variance: Optional[Tensor] = None
+) -> Tuple[int, Tensor]:
     """
     Counts active latent units ("Importance Weighted Autoencoders"): unit
     :math:`d` is active when
 
     .. math::
 
-        A_d = \\operatorname{Cov}_x\\big(\\mathbb{E}_{q(z \\mid x)}[z_d]\\big) > \\text{threshold}.
+        A_d = \operatorname{Cov}_x\big(\mathbb{E}_{q(z \mid x)}[z_d]\big) > \text{threshold}.
 
-    :param Tensor posterior_means: ``[N, D]`` posterior means, e.g. one entry of
-        :func:`posterior_means`.
+    When the means are Monte Carlo estimates (:func:`posterior_moments`), their
+    noise inflates the variance over ``x`` by the mean of ``mc_variance``; it is
+    subtracted, which makes :math:`A_d` unbiased.
+
+    :param Tensor posterior_means: ``[N, D]`` posterior means.
     :param float threshold: activity threshold, 0.01 in the paper.
-    :returns: ``(count, per_dim_variance [D])``; the variance is the population
-        variance over the ``N`` data points.
+    :param Tensor mc_variance: ``[N, D]`` variance of each Monte Carlo mean, or None.
+    :returns: ``(count, activity [D])``, the activity being the population variance
+        over the ``N`` data points, less the Monte Carlo noise.
     """
-    variance = posterior_means.var(dim=0, correction=0)
-    return int((variance > threshold).sum()), variance
+    activity = posterior_means.var(dim=0, correction=0)
+    if mc_variance is not None:
+        activity = activity - mc_variance.mean(0)
+    return int((activity > threshold).sum()), activity
 
 
-def _mean(fn: Distribution, num_samples: int) -> Tensor:
+def posterior_moments(
+    model: Callable,
+    guide: Callable,
+    batches: Iterable,
+    sites: Optional[Sequence[str]] = None,
+    *,
+    data_plate: str = "data",
+    num_samples: int = 100,
+) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """
+    Monte Carlo estimates of :math:`\mathbb{E}_{q(z \mid x_n)}[z]` per latent site,
+    marginal over the upstream latents of a hierarchy, with their noise.
+
+    In a hierarchy ``site["fn"].mean`` is only the conditional mean given the
+    sampled upstream latents. This averages it over ``num_samples`` joint guide
+    samples, drawn in one vectorized pass (the Rao-Blackwellized estimate:
+    sites whose distribution has no closed-form mean, such as flows, average
+    their samples instead), and returns the variance of that average.
+    Event and non-data batch dims are flattened per data point. Runs under
+    :func:`torch.no_grad`.
+
+    :param callable model: the model (unused by ``GuideMessenger`` guides).
+    :param callable guide: a guide callable or a
+        :class:`~pyro.poutine.guide.GuideMessenger`.
+    :param batches: iterable of batches; a tuple or list is unpacked as the
+        model arguments, anything else is passed as the single argument.
+    :param sites: names of latent sites to collect; defaults to all.
+    :param str data_plate: name of the plate over data points.
+    :param int num_samples: joint guide samples per data point, at least 2.
+    :returns: dict mapping site name to ``(means [N, D], mc_variance [N, D])``.
+    """
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2 to estimate the Monte Carlo noise, got {num_samples}")
+    moments = defaultdict(list)
+    with torch.no_grad():
+        for batch in batches:
+            args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+            particle_dim = -1 - _max_plate_nesting(*get_traces(model, guide, *args))
+            with pyro.plate(_PARTICLE_PLATE, num_samples, dim=particle_dim):
+                model_trace, guide_trace = get_traces(model, guide, *args)
+            for name, site, _ in _latent_sites(model_trace, guide_trace):
+                if sites is not None and name not in sites:
+                    continue
+                fn = site["fn"]
+                value = _conditional_mean(fn, site["value"]).expand(fn.batch_shape + fn.event_shape)
+                batch_dims = len(fn.batch_shape)
+                draws = value.movedim((batch_dims + particle_dim, batch_dims + _data_axis(site, data_plate)), (0, 1))
+                draws = draws.reshape(num_samples, draws.shape[1], -1)
+                moments[name].append((draws.mean(0), draws.var(0) / num_samples))
+    missing = set(sites or ()) - set(moments)
+    if missing:
+        raise ValueError(f"latent sites not found in the guide: {sorted(missing)}")
+    return {name: tuple(torch.cat(parts) for parts in zip(*values)) for name, values in moments.items()}
+
+
+def posterior_means(
+    model: Callable, guide: Callable, batches: Iterable, sites: Optional[Sequence[str]] = None, **kwargs
+) -> Dict[str, Tensor]:
+    """The means of :func:`posterior_moments` alone: ``{site: [N, D]}``."""
+    return {name: mean for name, (mean, _) in posterior_moments(model, guide, batches, sites, **kwargs).items()}
+
+
+def _conditional_mean(fn: Distribution, value: Tensor) -> Tensor:
+    """``E[z | upstream]`` where the distribution has a closed form, else the sample itself."""
     try:
         return fn.mean
     except NotImplementedError:
-        return fn.sample((num_samples,)).mean(0)
+        return value
 
 
 def _data_axis(site: dict, data_plate: str) -> int:
@@ -150,51 +222,6 @@ def _latent_sites(model_trace: Trace, guide_trace: Trace):
         model_site = model_trace.nodes.get(name)
         if site["type"] == "sample" and model_site is not None and not model_site["is_observed"]:
             yield name, site, model_site
-
-
-def posterior_means(
-    model: Callable,
-    guide: Callable,
-    batches: Iterable,
-    sites: Optional[Sequence[str]] = None,
-    *,
-    data_plate: str = "data",
-    num_samples: int = 16,
-) -> Dict[str, Tensor]:
-    """
-    Collects :math:`\\mathbb{E}_{q(z \\mid x_n)}[z]` for every latent site over a
-    dataset, with event and non-data batch dims flattened per data point.
-
-    Uses ``site["fn"].mean`` of each guide site; distributions without a
-    closed-form mean (e.g. flows) fall back to the Monte Carlo mean of
-    ``num_samples`` draws. Runs under :func:`torch.no_grad`.
-
-    :param callable model: the model (unused by ``GuideMessenger`` guides).
-    :param callable guide: a guide callable or a
-        :class:`~pyro.poutine.guide.GuideMessenger`.
-    :param batches: iterable of batches; a tuple or list is unpacked as the
-        model arguments, anything else is passed as the single argument.
-    :param sites: names of latent sites to collect; defaults to all.
-    :param str data_plate: name of the plate over data points.
-    :param int num_samples: Monte Carlo samples for distributions without a mean.
-    :returns: dict mapping site name to an ``[N, D]`` tensor.
-    """
-    means = defaultdict(list)
-    with torch.no_grad():
-        for batch in batches:
-            args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-            model_trace, guide_trace = get_traces(model, guide, *args)
-            for name, site, _ in _latent_sites(model_trace, guide_trace):
-                if sites is not None and name not in sites:
-                    continue
-                fn = site["fn"]
-                mean = _mean(fn, num_samples).expand(fn.batch_shape + fn.event_shape)
-                axis = len(fn.batch_shape) + _data_axis(site, data_plate)
-                means[name].append(mean.movedim(axis, 0).reshape(mean.shape[axis], -1))
-    missing = set(sites or ()) - set(means)
-    if missing:
-        raise ValueError(f"latent sites not found in the guide: {sorted(missing)}")
-    return {name: torch.cat(values) for name, values in means.items()}
 
 
 def kl_per_site(
