@@ -142,7 +142,10 @@ def evaluate_checkpoint(
         },
         "ess_fraction": {"mean": float(ess.mean()), "min": float(ess.min())},
         "kl_per_layer": {name[3:]: float(per_image[name].mean()) for name in sites},
-        "active_units": {name: [active_units(m, mc_variance=noise)[0], m.shape[1]] for name, (m, noise) in means.items()},
+        "active_units": {
+            name: [active_units(means[name][0], mc_variance=means[name][1])[0], means[name].shape[-1]]
+            for name in vae.latent_sites
+        },
         "versions": versions(),
         "results": str(results_path),
     }
