@@ -1,8 +1,8 @@
 """Training from a validated config: ``Trainer(cfg, run_dir).fit()``.
 
 The loop: draw a batch, set the KL warm-up weight, take one :class:`TrainStep`,
-step the learning-rate schedule; every ``log_every`` steps append a record to
-``metrics.jsonl``; every ``eval_every`` steps evaluate on the validation split (with
+step the learning-rate schedule; every ``log_every`` steps append a record of the means
+over those steps to ``metrics.jsonl``; every ``eval_every`` steps evaluate on the validation split (with
 the EMA weights when configured), save image grids and, on a new best validation
 ELBO, ``best.pt``; every ``checkpoint_every`` steps save ``last.pt`` with everything a
 resumed run needs to continue exactly as if never stopped.
@@ -203,7 +203,8 @@ class Trainer:
         progress = tqdm(total=train.steps, initial=self.step, disable=not sys.stderr.isatty(), dynamic_ncols=True)
         batches = self.loader.forever()
         stopped_early = False
-        window_start, window_images, consecutive_skips = time.perf_counter(), 0, 0
+        window: list = []  # the StepStats since the last log line
+        window_start, consecutive_skips = time.perf_counter(), 0
         first_step = True
         self.vae.train()
         try:
@@ -217,15 +218,15 @@ class Trainer:
                     first_step = False
                     self.scheduler.step()
                     self.step += 1
-                    window_images += x.shape[0]
+                    window.append(stats)
                     consecutive_skips = consecutive_skips + 1 if stats.skipped else 0
                     self._check_divergence(stats, consecutive_skips)
                     if self.step % train.log_every == 0 or self.step == end:
                         elapsed = time.perf_counter() - window_start
-                        record = self._train_record(stats, window_images / max(elapsed, 1e-9))
+                        record = self._train_record(window, len(window) * x.shape[0] / max(elapsed, 1e-9))
                         log.write(record)
                         self._report(progress, record)
-                        window_start, window_images = time.perf_counter(), 0
+                        window, window_start = [], time.perf_counter()
                     if self.step % train.eval_every == 0 or self.step == train.steps:
                         stopped_early = self._evaluate_and_keep_best(log)
                     if self.step % train.checkpoint_every == 0 or self.step == end or stopped_early:
@@ -266,17 +267,23 @@ class Trainer:
                 "last.pt holds the last good checkpoint"
             )
 
-    def _train_record(self, stats, images_per_s: float) -> dict[str, Any]:
+    def _train_record(self, window: list, images_per_s: float) -> dict[str, Any]:
+        """Means over the steps since the last record (per image; skipped non-finite steps
+        left out, and counted in ``skipped_updates``), and the current state."""
+
+        def mean(values) -> float:
+            return float(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).nanmean())
+
         return {
             "kind": "train",
             "step": self.step,
-            "elbo": float(stats.elbo),
-            "loss": float(stats.loss),
-            "reconstruction": float(stats.reconstruction),
-            "kl": {name: float(value) for name, value in sorted(stats.kl.items())},
+            "elbo": mean(s.elbo for s in window),
+            "loss": mean(s.loss for s in window),
+            "reconstruction": mean(s.reconstruction for s in window),
+            "kl": {name: mean(s.kl[name] for s in window) for name in sorted(window[-1].kl)},
             "beta": self.elbo.beta,
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": stats.grad_norm,
+            "grad_norm": mean(s.grad_norm for s in window),
             "skipped_updates": self.skipper.skipped,
             "images_per_s": images_per_s,
         }
