@@ -119,7 +119,7 @@ def active_units(
 
     .. math::
 
-        A_d = \operatorname{Cov}_x\big(\mathbb{E}_{q(z \mid x)}[z_d]\big) > \text{threshold}.
+        A_d = \\operatorname{Cov}_x\\big(\\mathbb{E}_{q(z \\mid x)}[z_d]\\big) > \\text{threshold}.
 
     When the means are Monte Carlo estimates (:func:`posterior_moments`), their
     noise inflates the variance over ``x`` by the mean of ``mc_variance``; it is
@@ -147,7 +147,7 @@ def posterior_moments(
     num_samples: int = 100,
 ) -> Dict[str, Tuple[Tensor, Tensor]]:
     """
-    Monte Carlo estimates of :math:`\mathbb{E}_{q(z \mid x_n)}[z]` per latent site,
+    Monte Carlo estimates of :math:`\\mathbb{E}_{q(z \\mid x_n)}[z]` per latent site,
     marginal over the upstream latents of a hierarchy, with their noise.
 
     In a hierarchy ``site["fn"].mean`` is only the conditional mean given the
