@@ -66,12 +66,3 @@ html_theme_options = {
     "sidebar_width": "240px",
 }
 
-
-def _drop_missing_pages(app, docname, source):
-    """Take ``benchmarks`` out of the index toctree while docs/benchmarks.md does not exist."""
-    if docname == "index" and not (HERE / "benchmarks.md").exists():
-        source[0] = source[0].replace("\napi\nbenchmarks\n", "\napi\n")
-
-
-def setup(app):
-    app.connect("source-read", _drop_missing_pages)
