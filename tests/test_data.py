@@ -122,8 +122,8 @@ def test_dynamic_values_are_binary_draws_of_the_intensities(splits, raw):
     intensity = raw[0][splits.train.indices[:200]].float().unsqueeze(1) / 255
     assert torch.all(x[intensity == 0] == 0) and torch.all(x[intensity == 1] == 1)
     # Test pixels are Bernoulli(intensity): their mean matches the mean intensity.
-    assert splits.test.images.float().mean() == pytest.approx(
-        raw[1].float().mean() / 255, abs=2e-3
+    assert float(splits.test.images.float().mean()) == pytest.approx(
+        float(raw[1].float().mean()) / 255, abs=2e-3
     )
 
 
