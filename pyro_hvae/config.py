@@ -618,20 +618,32 @@ def _read_file(path: Path) -> dict:
         raise ConfigError([f"{path}: cannot read config file (not UTF-8 text)"]) from None
     except OSError as err:
         raise ConfigError([f"{path}: cannot read config file ({err.strerror})"]) from None
+    return _parse_tree(text, str(path))
+
+
+def _parse_tree(text: str, source: str) -> dict:
+    """The top-level mapping of config YAML text (empty text = empty mapping)."""
     try:
         tree = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
-        raise ConfigError([f"{path}: invalid YAML at {_yaml_problem(err)}"]) from None
+        raise ConfigError([f"{source}: invalid YAML at {_yaml_problem(err)}"]) from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(
             [
-                f"{path}: expected a mapping of sections (data, model, train, optim, "
+                f"{source}: expected a mapping of sections (data, model, train, optim, "
                 f"eval, ...) at the top level, got a {type(tree).__name__}"
             ]
         )
     return tree
+
+
+def _validate(tree: dict, origins: _Origins) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_validation_errors(err, origins)) from None
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
@@ -651,10 +663,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         _set(tree, key_path, value)
         for leaf in _leaves(key_path, value):
             origins.overrides[leaf] = item
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_validation_errors(err, origins)) from None
+    return _validate(tree, origins)
 
 
 def config_from_yaml(text: str, source: str) -> Config:
@@ -663,13 +672,5 @@ def config_from_yaml(text: str, source: str) -> Config:
     ``source`` names the text in error messages. Raises :class:`ConfigError` like
     :func:`load_config`.
     """
-    try:
-        tree = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as err:
-        raise ConfigError([f"{source}: invalid YAML at {_yaml_problem(err)}"]) from None
-    if not isinstance(tree, dict):
-        raise ConfigError([f"{source}: expected a mapping of sections at the top level, got a {type(tree).__name__}"])
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_validation_errors(err, _Origins(source, tree))) from None
+    tree = _parse_tree(text, source)
+    return _validate(tree, _Origins(source, tree))
