@@ -51,7 +51,7 @@ def main() -> None:
 def train(args, out, device, resume, force, print_config):
     """Train the hierarchy described by CONFIG, with dotted KEY=VALUE overrides
     (e.g. optim.lr=3e-4 model.latent_dims=[32,16,8])."""
-    from pyro_hvae.config import architecture_changes, dump_config, load_config
+    from pyro_hvae.config import architecture_changes, data_stream_changes, dump_config, load_config
     from pyro_hvae.data import load_splits
     from pyro_hvae.run import RunError, default_run_dir, prepare_run_dir, record_resume
     from pyro_hvae.train import Trainer, load_for_resume, resolve_device
@@ -67,6 +67,9 @@ def train(args, out, device, resume, force, print_config):
         changed = architecture_changes(saved, cfg)
         if changed:
             raise RunError(f"--resume: overrides change the architecture ({', '.join(changed)}); a resumed run keeps it: start a new run instead")
+        changed = data_stream_changes(saved, cfg)
+        if changed:
+            raise RunError(f"--resume: overrides change the training batches ({', '.join(changed)}); a resumed run keeps them: start a new run instead")
         run_dir = resume
     else:
         if not args:

@@ -46,6 +46,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "architecture_changes",
+    "data_stream_changes",
     "config_from_yaml",
     "dump_config",
     "load_config",
@@ -363,14 +364,29 @@ ARCHITECTURE_FIELDS: tuple[str, ...] = (
 )
 
 
-def architecture_changes(old: Config, new: Config) -> list[str]:
-    """Dotted names from :data:`ARCHITECTURE_FIELDS` whose values differ."""
+#: Dotted names of the options that fix the stream of training batches (which images,
+#: in which batches, binarized how); a resumed run may not change them either.
+DATA_STREAM_FIELDS: tuple[str, ...] = tuple(
+    f"data.{name}" for name in ("val_size", "split_seed", "batch_size", "binarize", "binarize_seed", "threshold")
+)
 
+
+def _changes(old: Config, new: Config, fields: Sequence[str]) -> list[str]:
     def value(cfg: Config, dotted: str) -> Any:
         section, name = dotted.split(".")
         return getattr(getattr(cfg, section), name)
 
-    return [f for f in ARCHITECTURE_FIELDS if value(old, f) != value(new, f)]
+    return [f for f in fields if value(old, f) != value(new, f)]
+
+
+def architecture_changes(old: Config, new: Config) -> list[str]:
+    """Dotted names from :data:`ARCHITECTURE_FIELDS` whose values differ."""
+    return _changes(old, new, ARCHITECTURE_FIELDS)
+
+
+def data_stream_changes(old: Config, new: Config) -> list[str]:
+    """Dotted names from :data:`DATA_STREAM_FIELDS` whose values differ."""
+    return _changes(old, new, DATA_STREAM_FIELDS)
 
 
 # ---------------------------------------------------------------------------

@@ -106,6 +106,9 @@ def test_resume_refuses_architecture_changes_and_allows_longer_training(tiny, tm
     assert result.exit_code == 2
     assert "change the architecture (model.latent_dims)" in result.output
     assert (out / "last.pt").read_bytes() == before
+    message = one_error_line(run("train", "--resume", out, "data.batch_size=32", "data.split_seed=4"))
+    assert "change the training batches (data.split_seed, data.batch_size)" in message
+    assert (out / "last.pt").read_bytes() == before
     result = run("train", "--resume", out, "train.steps=30", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 30

@@ -341,3 +341,11 @@ def test_two_level_examples_differ_only_in_inference_order():
     ladder = load_config(EXAMPLES / "two_level.yaml")
     bottom_up = load_config(EXAMPLES / "two_level_bottom_up.yaml")
     assert architecture_changes(ladder, bottom_up) == ["model.kind"]
+
+
+def test_data_stream_changes():
+    from pyro_hvae.config import data_stream_changes
+
+    old = load_config(None)
+    new = load_config(None, ["data.batch_size=64", "data.eval_batch_size=50", "data.root=/elsewhere"])
+    assert data_stream_changes(old, new) == ["data.batch_size"]  # where data lives and eval batches may change
