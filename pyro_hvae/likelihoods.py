@@ -39,6 +39,31 @@ def _on_grid(x: torch.Tensor, num_levels: int) -> torch.Tensor:
     return bool(((x >= 0) & (x <= 1) & ((scaled - scaled.round()).abs() < 1e-3)).all())
 
 
+def log_discretized_logistic(
+    y: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor, num_bins: int
+) -> torch.Tensor:
+    """``log P(y)`` for a logistic ``(loc, s = exp(log_scale))`` discretized into ``num_bins``
+    bins of ``[-1, 1]`` centred at ``y_k = -1 + 2k / (num_bins - 1)``.
+
+    With half-width ``delta = 1 / (num_bins - 1)``, ``a = (y + delta - loc) / s`` and
+    ``b = (y - delta - loc) / s``, an interior bin has mass
+
+    .. math:: \\sigma(a) - \\sigma(b) = \\sigma(a)\\,\\sigma(-b)\\,\\big(1 - e^{-2\\delta / s}\\big),
+
+    whose logarithm is a sum of terms that never cancel, so tiny masses (far tails,
+    sharp components) stay finite and accurate. The lowest bin takes the left tail,
+    ``sigma(a)``, the highest the right tail, ``sigma(-b)``: the masses sum to one.
+    """
+    delta = 1.0 / (num_bins - 1)
+    inv_scale = torch.exp(-log_scale)
+    upper = (y + delta - loc) * inv_scale
+    lower = (y - delta - loc) * inv_scale
+    log_upper_cdf = F.logsigmoid(upper)
+    log_lower_survival = F.logsigmoid(-lower)
+    interior = log_upper_cdf + log_lower_survival + torch.log(-torch.expm1(-2 * delta * inv_scale))
+    return torch.where(y < -1 + delta / 2, log_upper_cdf, torch.where(y > 1 - delta / 2, log_lower_survival, interior))
+
+
 class Likelihood(ABC):
     """Base class: a map from decoder features to ``p(x | z_1)``.
 
@@ -189,20 +214,7 @@ class DiscretizedLogisticMixture(TorchDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         y = (2 * value - 1).unsqueeze(-1)
-        delta = 1.0 / (self.num_bins - 1)
-        inv_scale = torch.exp(-self.log_scales)
-        upper = (y + delta - self.locs) * inv_scale
-        lower = (y - delta - self.locs) * inv_scale
-        # log(sigmoid(upper) - sigmoid(lower)), evaluated on the side of zero where
-        # the two terms are not both close to 1: sigma(a) - sigma(b) = sigma(-b) - sigma(-a).
-        flip = (upper + lower) > 0
-        a = torch.where(flip, -lower, upper)
-        b = torch.where(flip, -upper, lower)
-        log_a = F.logsigmoid(a)
-        gap = (F.logsigmoid(b) - log_a).clamp(max=-1e-12)
-        log_bin = log_a + torch.log(-torch.expm1(gap))
-        log_bin = torch.where(y < -1 + delta / 2, F.logsigmoid(upper), log_bin)
-        log_bin = torch.where(y > 1 - delta / 2, F.logsigmoid(-lower), log_bin)
+        log_bin = log_discretized_logistic(y, self.locs, self.log_scales, self.num_bins)
         return torch.logsumexp(self.logit_weights + log_bin, dim=-1)
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
