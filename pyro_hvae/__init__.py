@@ -17,7 +17,14 @@ from pyro_hvae.latents import (
     residual_normal,
     residual_normal_kl,
 )
-from pyro_hvae.likelihoods import Bernoulli, Categorical, Likelihood, LogisticMixture, bits_per_dim
+from pyro_hvae.likelihoods import (
+    Bernoulli,
+    Categorical,
+    CoupledLogisticMixture,
+    Likelihood,
+    LogisticMixture,
+    bits_per_dim,
+)
 from pyro_hvae.models import (
     BottomUpGuide,
     BottomUpPath,
@@ -45,6 +52,7 @@ __all__ = [
     "BottomUpVAE",
     "Categorical",
     "ConditionalNormal",
+    "CoupledLogisticMixture",
     "FeatureNet",
     "HierarchicalELBO",
     "HierarchicalVAE",

@@ -13,6 +13,10 @@ likelihood                  data                                     features pe
 :class:`Categorical`        ``num_levels`` grey levels ``k/(L-1)``   ``num_levels``
 :class:`LogisticMixture`    8-bit values ``k/255``                   ``3 * num_mixtures``
 ==========================  =======================================  =====================
+
+:class:`CoupledLogisticMixture` models the channels of a colour pixel jointly, so its
+parameters are counted per pixel: ``num_mixtures * (1 + 2C + C(C-1)/2)``, ``10 *
+num_mixtures`` for RGB (see :meth:`Likelihood.num_features`).
 """
 
 from __future__ import annotations
@@ -68,10 +72,17 @@ class Likelihood(ABC):
     """Base class: a map from decoder features to ``p(x | z_1)``.
 
     ``features_per_value`` is how many decoder outputs each data value needs; the
-    decoder's last layer has ``prod(data_shape) * features_per_value`` units.
+    decoder's last layer has ``num_features(data_shape)`` units, which is
+    ``prod(data_shape) * features_per_value`` unless the likelihood's parameters are
+    shared between values (:class:`CoupledLogisticMixture` has them per pixel).
     """
 
     features_per_value: int = 1
+
+    def num_features(self, data_shape: tuple[int, ...]) -> int:
+        """How many decoder outputs one image of shape ``data_shape`` needs:
+        ``prod(data_shape) * features_per_value``."""
+        return math.prod(data_shape) * self.features_per_value
 
     def distribution(self, features: torch.Tensor, data_shape: tuple[int, ...]) -> TorchDistribution:
         """``p(x | z_1)`` with batch shape ``features.shape[:-1]`` and event shape ``data_shape``."""
@@ -262,3 +273,210 @@ class LogisticMixture(Likelihood):
 
     def __repr__(self) -> str:
         return f"LogisticMixture(num_mixtures={self.num_mixtures})"
+
+
+def _num_pairs(num_channels: int) -> int:
+    """How many channel pairs ``j < c`` a pixel of ``num_channels`` channels has."""
+    return num_channels * (num_channels - 1) // 2
+
+
+class DiscretizedCoupledLogisticMixture(TorchDistribution):
+    """Images ``[C, H, W]`` of ``num_bins`` levels ``k / (num_bins - 1)``, each pixel a
+    mixture of ``M`` logistics whose channels are coupled autoregressively (PixelCNN++).
+
+    With ``y = 2x - 1``, one mixture weight ``pi_m`` per pixel and component, and the
+    channel means shifted linearly by the channels before them,
+
+    .. math::
+
+        P(x) = \\prod_{h,w} \\sum_m \\pi_m \\prod_{c=1}^{C}
+               \\mathrm{DLogistic}\\big(y_c \\mid \\mu_{c,m} + \\textstyle\\sum_{j<c} \\tanh(a_{cj,m})\\, y_j,\\; s_{c,m}\\big),
+
+    where ``DLogistic`` is :func:`log_discretized_logistic` (edge bins take the tails).
+    For RGB: ``mu_G + tanh(a) y_R`` and ``mu_B + tanh(b) y_R + tanh(c) y_G``. For each
+    component the product over channels is a chain rule, so every pixel's probabilities
+    sum to one over all ``num_bins^C`` values.
+
+    Parameters, component dimension ``M`` before ``H, W``: ``logit_weights [..., M, H, W]``,
+    ``locs`` and ``log_scales [..., C, M, H, W]``, ``coeffs [..., C(C-1)/2, M, H, W]`` (raw,
+    before ``tanh``; pairs ``(c, j)`` ordered ``(1,0), (2,0), (2,1), ...``). The batch shape
+    is ``[...]``, the event shape ``[C, H, W]``.
+    """
+
+    arg_constraints = {
+        "logit_weights": constraints.real,
+        "locs": constraints.real,
+        "log_scales": constraints.real,
+        "coeffs": constraints.real,
+    }
+    has_rsample = False
+
+    def __init__(self, logit_weights, locs, log_scales, coeffs, num_bins: int = 256, validate_args=None):
+        num_channels = locs.shape[-4]
+        if coeffs.shape[-4] != _num_pairs(num_channels):
+            raise ValueError(
+                f"coeffs must hold C(C-1)/2 = {_num_pairs(num_channels)} channel pairs for C = "
+                f"{num_channels} channels, got {coeffs.shape[-4]}"
+            )
+        self.logit_weights = logit_weights.log_softmax(-3)
+        self.locs = locs
+        self.log_scales = log_scales.clamp(min=-7.0)
+        self.coeffs = torch.tanh(coeffs)
+        self.num_bins = num_bins
+        batch_shape = torch.broadcast_shapes(
+            logit_weights.shape[:-3], locs.shape[:-4], log_scales.shape[:-4], coeffs.shape[:-4]
+        )
+        event_shape = (num_channels,) + tuple(locs.shape[-2:])
+        super().__init__(batch_shape, event_shape, validate_args=validate_args)
+
+    @property
+    def support(self):
+        return constraints.independent(constraints.unit_interval, 3)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(DiscretizedCoupledLogisticMixture, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.logit_weights = self.logit_weights.expand(batch_shape + self.logit_weights.shape[-3:])
+        new.locs = self.locs.expand(batch_shape + self.locs.shape[-4:])
+        new.log_scales = self.log_scales.expand(batch_shape + self.log_scales.shape[-4:])
+        new.coeffs = self.coeffs.expand(batch_shape + self.coeffs.shape[-4:])
+        new.num_bins = self.num_bins
+        super(DiscretizedCoupledLogisticMixture, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def _coupled_locs(self, y: torch.Tensor) -> torch.Tensor:
+        """``mu_{c,m} + sum_{j<c} tanh(a_{cj,m}) y_j`` for channel values ``y [..., C, 1, H, W]``."""
+        shifted = [self.locs[..., 0, :, :, :]]
+        pair = 0
+        for c in range(1, self.event_shape[0]):
+            shift = self.locs[..., c, :, :, :]
+            for j in range(c):
+                shift = shift + self.coeffs[..., pair, :, :, :] * y[..., j, :, :, :]
+                pair += 1
+            shifted.append(shift)
+        return torch.stack(torch.broadcast_tensors(*shifted), dim=-4)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        y = (2 * value - 1).unsqueeze(-3)
+        log_bins = log_discretized_logistic(y, self._coupled_locs(y), self.log_scales, self.num_bins)
+        per_pixel = torch.logsumexp(self.logit_weights + log_bins.sum(-4), dim=-3)
+        return per_pixel.sum((-2, -1))
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Draw the component, then each channel in order given the channels drawn before it."""
+        with torch.no_grad():
+            shape = torch.Size(sample_shape) + self.batch_shape
+            logits = self.logit_weights.expand(shape + self.logit_weights.shape[-3:]).movedim(-3, -1)
+            component = dist.Categorical(logits=logits).sample().unsqueeze(-3)  # [..., 1, H, W]
+            locs = self.locs.expand(shape + self.locs.shape[-4:])
+            scales = self.log_scales.exp().expand(shape + self.log_scales.shape[-4:])
+            coeffs = self.coeffs.expand(shape + self.coeffs.shape[-4:])
+
+            def pick(params: torch.Tensor) -> torch.Tensor:  # [..., K, M, H, W] -> [..., K, H, W]
+                index = component.unsqueeze(-4).expand(params.shape[:-3] + (1,) + params.shape[-2:])
+                return params.gather(-3, index).squeeze(-3)
+
+            locs, scales, coeffs = pick(locs), pick(scales), pick(coeffs)
+            levels = self.num_bins - 1
+            channels: list[torch.Tensor] = []
+            pair = 0
+            for c in range(self.event_shape[0]):
+                loc = locs[..., c, :, :]
+                for j in range(c):
+                    loc = loc + coeffs[..., pair, :, :] * channels[j]
+                    pair += 1
+                u = torch.rand_like(loc).clamp(1e-6, 1 - 1e-6)
+                t = (loc + scales[..., c, :, :] * (u.log() - (-u).log1p())).clamp(-1, 1)
+                channels.append(((t + 1) / 2 * levels).round() / levels * 2 - 1)
+            return (torch.stack(channels, dim=-3) + 1) / 2
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """A stand-in for the mean: the mean of the *continuous* coupled mixture (its
+        channel means follow the same linear recursion), clipped to the data range.
+        The exact mean of the discretized, clipped values has no closed form."""
+        means: list[torch.Tensor] = []
+        pair = 0
+        for c in range(self.event_shape[0]):
+            mean = self.locs[..., c, :, :, :]
+            for j in range(c):
+                mean = mean + self.coeffs[..., pair, :, :, :] * means[j]
+                pair += 1
+            means.append(mean)
+        y = (self.logit_weights.exp().unsqueeze(-4) * torch.stack(means, dim=-4)).sum(-3)
+        return (y.clamp(-1, 1) + 1) / 2
+
+
+class CoupledLogisticMixture(Likelihood):
+    """A discretized mixture of ``num_mixtures`` logistics per 8-bit *pixel*, its colour
+    channels coupled as in PixelCNN++ (see :class:`DiscretizedCoupledLogisticMixture`).
+
+    Needs ``data_shape = (C, H, W)``. The decoder gives ``F = num_mixtures * (1 + 2C +
+    C(C-1)/2)`` features per pixel (``10 * num_mixtures`` for RGB), as a feature map
+    ``[F, H, W]`` flattened: a conv decoder's output ``[..., F, H, W]`` with ``flatten(-3)``.
+    Along ``F``: ``M`` mixture logits, ``C * M`` locations, ``C * M`` log-scales, then
+    ``C(C-1)/2 * M`` raw coupling coefficients, each block channel-major.
+    """
+
+    def __init__(self, num_mixtures: int = 5, num_bins: int = 256):
+        if isinstance(num_mixtures, bool) or not isinstance(num_mixtures, int) or num_mixtures < 1:
+            raise ValueError(f"num_mixtures must be a positive integer, got {num_mixtures!r}")
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
+            raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
+        self.num_mixtures = num_mixtures
+        self.num_bins = num_bins
+
+    def features_per_pixel(self, num_channels: int) -> int:
+        """``M (1 + 2C + C(C-1)/2)``: one weight, C locations, C log-scales, C(C-1)/2 couplings per component."""
+        return self.num_mixtures * (1 + 2 * num_channels + _num_pairs(num_channels))
+
+    def num_features(self, data_shape: tuple[int, ...]) -> int:
+        channels, height, width = self._image_shape(data_shape)
+        return height * width * self.features_per_pixel(channels)
+
+    def distribution(self, features: torch.Tensor, data_shape: tuple[int, ...]) -> TorchDistribution:
+        """``p(x | z_1)`` with batch shape ``features.shape[:-1]`` and event shape ``data_shape``."""
+        channels, height, width = self._image_shape(data_shape)
+        expected = self.num_features(data_shape)
+        if features.shape[-1] != expected:
+            raise ValueError(
+                f"features: {self!r} needs num_features({tuple(data_shape)}) = {expected} decoder outputs "
+                f"per image, got {features.shape[-1]}; size the decoder's output with likelihood.num_features"
+            )
+        params = features.reshape(features.shape[:-1] + (self.features_per_pixel(channels), height, width))
+        M, CM = self.num_mixtures, channels * self.num_mixtures
+        logits, locs, log_scales, coeffs = params.split([M, CM, CM, _num_pairs(channels) * M], dim=-3)
+        batch = features.shape[:-1]
+        return DiscretizedCoupledLogisticMixture(
+            logits,
+            locs.reshape(batch + (channels, M, height, width)),
+            log_scales.reshape(batch + (channels, M, height, width)),
+            coeffs.reshape(batch + (_num_pairs(channels), M, height, width)),
+            self.num_bins,
+        )
+
+    def _per_value(self, params: torch.Tensor) -> TorchDistribution:
+        raise TypeError("CoupledLogisticMixture has parameters per pixel, not per value; call distribution()")
+
+    @staticmethod
+    def _image_shape(data_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        if len(data_shape) != 3:
+            raise ValueError(
+                f"data_shape: the coupled logistic mixture models images [C, H, W], got {tuple(data_shape)}; "
+                "use logistic_mixture for data of other shapes"
+            )
+        return tuple(data_shape)
+
+    def check_support(self, x: torch.Tensor) -> None:
+        if not _on_grid(x, self.num_bins):
+            raise ValueError(
+                f"x: the coupled logistic-mixture likelihood needs pixel values k/{self.num_bins - 1} in [0, 1]; "
+                f"got values off that grid in [{x.min().item():.3g}, {x.max().item():.3g}]; "
+                "feed images as ToTensor gives them (data.binarize: none)"
+            )
+
+    def __repr__(self) -> str:
+        return f"CoupledLogisticMixture(num_mixtures={self.num_mixtures}, num_bins={self.num_bins})"
