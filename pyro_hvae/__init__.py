@@ -37,6 +37,7 @@ from pyro_hvae.models import (
     register_params,
 )
 from pyro_hvae.nn import MLP, BatchNorm, FeatureNet, bounded, cat_features
+from pyro_hvae.spectral import RegularizationSchedule, SpectralRegularizer
 
 __version__ = "0.1.0"
 
@@ -61,7 +62,9 @@ __all__ = [
     "LadderVAE",
     "Likelihood",
     "LogisticMixture",
+    "RegularizationSchedule",
     "ResidualNormal",
+    "SpectralRegularizer",
     "TopDownModel",
     "bits_per_dim",
     "bounded",
