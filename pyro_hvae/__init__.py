@@ -37,6 +37,7 @@ from pyro_hvae.models import (
     register_params,
 )
 from pyro_hvae.nn import MLP, BatchNorm, FeatureNet, bounded, cat_features
+from pyro_hvae.spatial_flows import ConditionalSpatialAffineAutoregressive, SpatialIAF
 from pyro_hvae.spectral import RegularizationSchedule, SpectralRegularizer
 
 __version__ = "0.1.0"
@@ -53,6 +54,7 @@ __all__ = [
     "BottomUpVAE",
     "Categorical",
     "ConditionalNormal",
+    "ConditionalSpatialAffineAutoregressive",
     "CoupledLogisticMixture",
     "FeatureNet",
     "HierarchicalELBO",
@@ -64,6 +66,7 @@ __all__ = [
     "LogisticMixture",
     "RegularizationSchedule",
     "ResidualNormal",
+    "SpatialIAF",
     "SpectralRegularizer",
     "TopDownModel",
     "bits_per_dim",
