@@ -289,10 +289,11 @@ class DiscretizedCoupledLogisticMixture(TorchDistribution):
 
     .. math::
 
-        P(x) = \\prod_{h,w} \\sum_m \\pi_m \\prod_{c=1}^{C}
+        P(x) = \\prod_{h,w} \\sum_m \\pi_m \\prod_{c=0}^{C-1}
                \\mathrm{DLogistic}\\big(y_c \\mid \\mu_{c,m} + \\textstyle\\sum_{j<c} \\tanh(a_{cj,m})\\, y_j,\\; s_{c,m}\\big),
 
-    where ``DLogistic`` is :func:`log_discretized_logistic` (edge bins take the tails).
+    where ``DLogistic`` is a logistic discretized into ``num_bins`` bins of ``[-1, 1]``, the
+    edge bins taking the tails (its log is :func:`log_discretized_logistic`).
     For RGB: ``mu_G + tanh(a) y_R`` and ``mu_B + tanh(b) y_R + tanh(c) y_G``. For each
     component the product over channels is a chain rule, so every pixel's probabilities
     sum to one over all ``num_bins^C`` values.
@@ -419,6 +420,7 @@ class CoupledLogisticMixture(Likelihood):
     ``[F, H, W]`` flattened: a conv decoder's output ``[..., F, H, W]`` with ``flatten(-3)``.
     Along ``F``: ``M`` mixture logits, ``C * M`` locations, ``C * M`` log-scales, then
     ``C(C-1)/2 * M`` raw coupling coefficients, each block channel-major.
+    ``features_per_value`` does not apply: size the decoder with :meth:`num_features`.
     """
 
     def __init__(self, num_mixtures: int = 5, num_bins: int = 256):

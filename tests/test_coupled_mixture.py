@@ -162,6 +162,10 @@ def test_likelihood_samples_lie_on_the_8_bit_grid_with_the_image_shape():
     likelihood.check_support(x)
     assert d.log_prob(x).shape == (2, 6)
     assert d.sample((7,)).shape == (7, 2, 6) + data_shape
+    expanded = d.expand((3, 2, 6))
+    assert expanded.batch_shape == (3, 2, 6)
+    assert torch.equal(expanded.log_prob(x), d.log_prob(x).expand(3, 2, 6))
+    assert expanded.sample().shape == (3, 2, 6) + data_shape
 
 
 def test_features_are_read_as_a_flattened_feature_map():
