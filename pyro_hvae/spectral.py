@@ -106,7 +106,10 @@ class SpectralRegularizer(nn.Module):
     :param initial_iterations: steps at the first call, from the random start vectors.
 
     The ``u, v`` vectors are buffers of this module: save and load its ``state_dict``
-    with the model's, and move it with the model (``.to(device)``).
+    with the model's, and move it with the model (``.to(device)``). In a training step::
+
+        regularizer = SpectralRegularizer(model, RegularizationSchedule(0.01, initial=1.0, steps=10_000))
+        loss = negative_elbo + regularizer.loss(step)
     """
 
     def __init__(
@@ -170,7 +173,7 @@ class SpectralRegularizer(nn.Module):
             return self.num_updates.new_zeros((), dtype=torch.get_default_dtype())
         return torch.stack([bn.weight.abs().sum() for bn in self._batch_norms]).sum()
 
-    def loss(self, step: int = 0) -> torch.Tensor:
+    def loss(self, step: int) -> torch.Tensor:
         """``lambda(step) * (sum_i sigma_max(W_i) + sum_j ||gamma_j||_1)``; one call per training step."""
         return self.schedule(step) * (self.singular_values().sum() + self.batch_norm_penalty())
 
