@@ -79,7 +79,7 @@ def _(cfg: BottomUpConfig, data_shape: Sequence[int]) -> nn.Module:
 def _(cfg: CustomModelConfig, data_shape: Sequence[int]) -> nn.Module:
     target = import_object(cfg.class_path)
     if not callable(target):
-        raise ConfigError([f"model.class_path: {cfg.class_path} is a {type(target).__name__}, not a class or function"])
+        raise ConfigError([f"model.class_path: {cfg.class_path} is an object of type {type(target).__name__}, not a class or function"])
     kwargs = dict(cfg.init_args)
     try:
         signature = inspect.signature(target)

@@ -15,7 +15,7 @@ import pyro.poutine as poutine
 import torch
 from torch import nn
 
-from pyro_hvae.infer.iw import _check_per_datum, _max_plate_nesting, get_traces
+from pyro_hvae.infer.iw import _check_per_datum, _find_frame, _max_plate_nesting, get_traces
 from pyro_hvae.models.base import HierarchicalVAE
 
 __all__ = ["Hierarchy", "HierarchyError", "check_interface", "inspect_hierarchy", "prior_means", "reconstruction_means"]
@@ -66,7 +66,7 @@ def check_interface(vae: object) -> None:
     missing = [name for name in ("model", "guide") if not callable(getattr(vae, name, None))]
     if missing:
         raise HierarchyError(
-            f"the {type(vae).__name__} it returned has no callable {' or '.join(missing)}; "
+            f"returned a {type(vae).__name__} without a callable {' or '.join(missing)}; "
             "give it model(x) and guide(x) methods or submodules"
         )
 
@@ -103,10 +103,15 @@ def inspect_hierarchy(vae: nn.Module, x: torch.Tensor) -> Hierarchy:
             f"its model has no site {observed!r} observing x; name the observed site {observed!r} "
             "(pyro.sample(..., obs=x)) or set the attribute observed_site"
         )
+    if not any(_find_frame(s, data_plate) for s in model_trace.nodes.values() if s["type"] == "sample"):
+        raise HierarchyError(
+            f"no sample site of its model lies in a plate named {data_plate!r}; wrap them in "
+            f"`with pyro.plate({data_plate!r}, len(x)):`, or set the attribute data_plate to your plate's name"
+        )
     try:
         _check_per_datum(model_trace, guide_trace, data_plate)
     except ValueError as err:
-        raise HierarchyError(f"{err}; or set the attribute data_plate to the name of that plate") from None
+        raise HierarchyError(str(err)) from None
     latents = [name for name, s in model_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]]
     declared = _attribute(vae, "latent_sites")
     if declared is not None:
