@@ -40,7 +40,7 @@ import pyro
 import torch
 from tqdm import tqdm
 
-from pyro_hvae.config import Config, config_from_yaml
+from pyro_hvae.config import Config, CustomModelConfig, config_from_yaml
 from pyro_hvae.data import load_splits
 from pyro_hvae.infer.diagnostics import (
     active_units,
@@ -196,7 +196,8 @@ def _load_vae(state: dict[str, Any], cfg: Config, splits, path: Path) -> tuple[t
         vae.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RunError(f"{path}: the weights do not fit the model its config describes ({reason[:200]}); the checkpoint is damaged") from None
+        cause = "the class named by model.class_path changed since training" if isinstance(cfg.model, CustomModelConfig) else "the checkpoint is damaged"
+        raise RunError(f"{path}: the weights do not fit the model its config describes ({reason[:200]}); {cause}") from None
     return vae, hierarchy, ema
 
 

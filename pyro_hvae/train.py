@@ -142,7 +142,11 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.vae.load_state_dict(state["model"])
+        try:
+            self.vae.load_state_dict(state["model"])
+        except RuntimeError as err:  # e.g. a custom hierarchy's class changed since the checkpoint
+            reason = " ".join(str(err).split())[:200]
+            raise RunError(f"the checkpoint's weights do not fit the model its config builds ({reason}); resume with the code it was trained with") from None
         if self.ema is not None and state["ema"] is not None:
             self.ema.shadow.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])

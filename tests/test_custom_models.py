@@ -299,3 +299,23 @@ def test_each_kind_lists_only_its_options_and_resume_guards_them(tmp_path):
     new = load_config(None, ["model.kind=custom", "model.class_path=pkg.mod.VAE", "model.init_args={width: 16}"])
     assert architecture_changes(old, new) == ["model.init_args"]
     assert architecture_changes(old, load_config(None)) == ["model.kind"]
+
+
+def test_a_class_changed_since_training_is_refused_with_one_line(data_root, tmp_path):
+    source = tmp_path / "hier.py"
+    source.write_text(SOURCE)
+    config = tmp_path / "custom.yaml"
+    config.write_text(f"data:\n  root: {data_root}\nmodel:\n  kind: custom\n  class_path: {source}:TwoLevel\n")
+    out = tmp_path / "run"
+    assert run("train", config, *TINY, "train.steps=10", "--out", out, "--device", "cpu").exit_code == 0
+    source.write_text(SOURCE.replace("MLP(d1, [width], pixels)", "MLP(d1, [width + 1], pixels)"))
+    before = (out / "last.pt").read_bytes()
+    for args, expected in (
+        (("evaluate", out, "--device", "cpu", "--split", "val"), "the class named by model.class_path changed since training"),
+        (("train", "--resume", out, "train.steps=20", "--device", "cpu"), "do not fit the model its config builds"),
+    ):
+        result = run(*args)
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.output
+    assert (out / "last.pt").read_bytes() == before and not list(out.glob("eval-*"))

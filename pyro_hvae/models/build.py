@@ -182,5 +182,5 @@ def _first_on_path(folder: Path) -> Iterator[None]:
 
 
 def _one_line(err: BaseException) -> str:
-    message = " ".join(str(err).split())[:300]
+    message = (str(err).strip().splitlines() or [""])[0][:300]
     return f"{type(err).__name__}: {message}" if message else type(err).__name__

@@ -91,7 +91,7 @@ def inspect_hierarchy(vae: nn.Module, x: torch.Tensor) -> Hierarchy:
                 pyro.settings.context(module_local_params=True):
             model_trace, guide_trace = get_traces(vae.model, vae.guide, x)
     except Exception as err:  # the user's code: report any failure as one line
-        problem = " ".join(str(err).split())[:300] or "no message"
+        problem = (str(err).strip().splitlines() or ["no message"])[0][:300]  # Pyro appends shape tables
         raise HierarchyError(
             f"its model/guide failed on a batch of shape {list(x.shape)}: {type(err).__name__}: {problem}"
         ) from None
