@@ -7,6 +7,9 @@ it. A run is described by a YAML file whose top-level keys are the sections of
 
     pyro-hvae train examples/mnist.yaml optim.lr=3e-4 model.latent_dims=[32,16,8]
 
+The ``model`` section is one of :data:`MODEL_KINDS`, chosen by its ``kind`` (a union
+discriminated by ``kind``), so that each kind accepts only its own options.
+
 :func:`load_config` reads the file, applies the overrides and validates the
 result. Problems are collected and raised together as one :class:`ConfigError`
 whose lines each name the offending option (as a dotted path) and where its
@@ -191,6 +194,7 @@ class _PixelLikelihood(_ModelSection):
 
 class _MLPHierarchy(_PixelLikelihood):
     """Options of the built-in hierarchies of MLP blocks."""
+
     latent_dims: list[PositiveInt] = Field(
         default_factory=lambda: [64, 32, 16, 8, 4],
         min_length=1,
@@ -211,8 +215,8 @@ class _MLPHierarchy(_PixelLikelihood):
 
 
 class LadderConfig(_MLPHierarchy):
-    """``kind: ladder`` (the default): top-down inference that shares the generative
-    path with the posterior, as in 'Ladder Variational Autoencoders'."""
+    """The ladder hierarchy (the default kind): top-down inference that shares the
+    generative path with the posterior, as in 'Ladder Variational Autoencoders'."""
 
     kind: Literal["ladder"] = Field(
         "ladder",
@@ -232,7 +236,7 @@ class LadderConfig(_MLPHierarchy):
 
 
 class BottomUpConfig(_MLPHierarchy):
-    """``kind: bottom_up``: the ladder's generative model with a guide that infers each
+    """The naive hierarchy: the ladder's generative model with a guide that infers each
     latent layer from the one below it only (the posterior-collapse comparison)."""
 
     kind: Literal["bottom_up"] = Field(
@@ -245,8 +249,8 @@ _CLASS_PATH = re.compile(r"^(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+|[^:]+\.py:[A-Za-z
 
 
 class CustomModelConfig(_ModelSection):
-    """``kind: custom``: a hierarchy of your own, built by calling the class or function
-    that `class_path` names with `init_args` (see the custom hierarchy tutorial)."""
+    """A hierarchy of your own, built by calling the class or function that class_path
+    names with init_args (see the tutorial 'Writing a hierarchy of your own')."""
 
     kind: Literal["custom"] = Field(description="'custom': a user-written hierarchy.")
     class_path: str = Field(
@@ -254,7 +258,7 @@ class CustomModelConfig(_ModelSection):
         "import path `package.module.Name` (importable from the working directory "
         "or the Python path) or as `path/to/file.py:Name` (a relative file is taken "
         "from the working directory and stored absolute). It is called with "
-        "`init_args`, plus `data_shape` (e.g. [1, 28, 28]) when it has a parameter "
+        "`init_args`, plus `data_shape` (e.g. (1, 28, 28)) when it has a parameter "
         "of that name, and must return an nn.Module with `model(x)` and `guide(x)`.",
     )
     init_args: dict[str, Any] = Field(

@@ -78,7 +78,7 @@ def _type(schema: dict[str, Any], plural: bool = False) -> str:
             return "[" + ", ".join(_type(i) for i in items) + "]"
         size = "non-empty list" if schema.get("minItems", 0) >= 1 else "list"
         return f"{size} of {_type(schema.get('items', {}), plural=True)}"
-    names = {"integer": "integer", "number": "float", "boolean": "bool", "string": "string"}
+    names = {"integer": "integer", "number": "float", "boolean": "bool", "string": "string", "object": "mapping"}
     name = names.get(kind, kind or "any")
     if kind == "string" and schema.get("format") == "path":
         name = "path"

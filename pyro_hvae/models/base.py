@@ -64,7 +64,12 @@ class HierarchicalVAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, num_samples: int, *, mean: bool = True) -> torch.Tensor:
-        """Images from the prior: ``z ~ p(z)``, then ``E[x | z_1]`` (``mean=True``) or ``x ~ p(x | z_1)``."""
+        """Images from the prior: ``z ~ p(z)``, then ``E[x | z_1]`` (``mean=True``) or ``x ~ p(x | z_1)``.
+
+        Calls ``model(batch_size=num_samples)`` as a :class:`TopDownModel` allows; for a
+        model that needs ``x``, :func:`~pyro_hvae.models.protocol.prior_means` takes a batch
+        that only sets the number of samples.
+        """
         trace = poutine.trace(self.model).get_trace(batch_size=num_samples)
         site = trace.nodes[self.observed_site]
         return site["fn"].mean if mean else site["value"]
