@@ -24,7 +24,8 @@ from pyro_hvae.config import load_config
 from pyro_hvae.data import ImageDataset, load_splits
 from pyro_hvae.evaluate import evaluate_checkpoint
 from pyro_hvae.run import load_checkpoint, prepare_run_dir
-from pyro_hvae.train import Trainer, build_model, evaluate_elbo
+from pyro_hvae.models.build import build_hierarchy
+from pyro_hvae.train import Trainer, evaluate_elbo
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -32,15 +33,15 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def train_elbo(run_dir: Path, cfg, splits) -> float:
     """Mean ELBO per image on the first 1,000 training images, binarized once (seed 0)."""
     state = load_checkpoint(run_dir / "best.pt")
-    vae = build_model(cfg.model, splits.data_shape)
-    vae.load_state_dict(state["model"])
     train = splits.train
     rows = torch.arange(min(1000, len(train)))
     fixed = train.batch(rows, torch.Generator().manual_seed(0)) * train.levels
+    vae, hierarchy = build_hierarchy(cfg.model, splits.data_shape, train.batch(rows[:2], torch.Generator().manual_seed(0)))
+    vae.load_state_dict(state["model"])
     subset = ImageDataset(fixed.round().to(torch.uint8), train.indices[rows], train.levels, dynamic=False)
     pyro.set_rng_seed(0)
     with pyro.settings.context(module_local_params=True), pyro.validation_enabled(False):
-        return evaluate_elbo(vae, subset, cfg, torch.device("cpu"))["val_elbo"]
+        return evaluate_elbo(vae, hierarchy, subset, cfg, torch.device("cpu"))["val_elbo"]
 
 
 def main() -> None:

@@ -52,7 +52,8 @@ def run_plain(steps: int, device: torch.device) -> float:
     from pyro_hvae.config import load_config
     from pyro_hvae.data import InMemoryLoader, load_splits
     from pyro_hvae.infer.step import warmup_cosine
-    from pyro_hvae.train import OPTIMIZERS, build_model
+    from pyro_hvae.models.build import build_model
+    from pyro_hvae.train import OPTIMIZERS
 
     sys.path.insert(0, str(Path(__file__).parent))
     from step_overhead import plain_loss

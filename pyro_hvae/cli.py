@@ -81,10 +81,11 @@ def train(args, out, device, resume, force, print_config):
         return
     target = resolve_device(device or cfg.device)
     splits = load_splits(cfg.data)  # before the run folder: missing data leaves nothing behind
+    overrides = list(args if resume is not None else args[1:])
+    # builds and checks the hierarchy, writing nothing: an unusable model leaves nothing behind
+    trainer = Trainer(cfg, run_dir, device=target, splits=splits, overrides=overrides)
     if resume is None:
         prepare_run_dir(run_dir, force=force)
-    overrides = list(args if resume is not None else args[1:])
-    trainer = Trainer(cfg, run_dir, device=target, splits=splits, overrides=overrides)
     if resume is not None:
         trainer.load_state_dict(state)
         record_resume(run_dir, trainer.step, overrides)

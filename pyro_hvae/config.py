@@ -7,6 +7,9 @@ it. A run is described by a YAML file whose top-level keys are the sections of
 
     pyro-hvae train examples/mnist.yaml optim.lr=3e-4 model.latent_dims=[32,16,8]
 
+The ``model`` section is one of :data:`MODEL_KINDS`, chosen by its ``kind`` (a union
+discriminated by ``kind``), so that each kind accepts only its own options.
+
 :func:`load_config` reads the file, applies the overrides and validates the
 result. Problems are collected and raised together as one :class:`ConfigError`
 whose lines each name the offending option (as a dotted path) and where its
@@ -20,28 +23,35 @@ import difflib
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    Tag,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 __all__ = [
     "ARCHITECTURE_FIELDS",
+    "BottomUpConfig",
     "Config",
     "ConfigError",
+    "CustomModelConfig",
     "DataConfig",
     "EvalConfig",
+    "LadderConfig",
+    "MODEL_KINDS",
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
@@ -159,40 +169,15 @@ class DataConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
-    """Architecture of the hierarchical VAE (all of it fixed once a run starts)."""
+class _ModelSection(_Section):
+    """Base of the ``model`` section of every kind."""
 
-    kind: Literal["ladder", "bottom_up"] = Field(
-        "ladder",
-        description="'ladder': top-down inference that shares the generative path "
-        "with the posterior (as in 'Ladder Variational Autoencoders'); "
-        "'bottom_up': each latent layer is inferred from the one below it only.",
-    )
-    latent_dims: list[PositiveInt] = Field(
-        default_factory=lambda: [64, 32, 16, 8, 4],
-        min_length=1,
-        description="Size of each stochastic layer, z_1 (next to x) first and the "
-        "top layer z_L last; one entry gives a single-layer VAE.",
-    )
-    hidden_dims: list[PositiveInt] = Field(
-        default_factory=lambda: [512, 256],
-        min_length=1,
-        description="Widths of the hidden layers of every deterministic MLP block.",
-    )
-    posterior: Literal["residual", "independent"] = Field(
-        "residual",
-        description="'residual': each posterior is parameterised relative to the "
-        "prior of its layer (as in 'NVAE: A Deep Hierarchical Variational "
-        "Autoencoder'); 'independent': posterior mean and scale predicted directly.",
-    )
-    flows: NonNegativeInt = Field(
-        0,
-        description="Inverse autoregressive flow steps applied to each posterior "
-        "sample (0 = Gaussian posteriors).",
-    )
-    batch_norm: bool = Field(
-        True, description="Batch normalisation in the deterministic MLP blocks."
-    )
+    kind: str = Field(description="Which hierarchy; each kind lists its own options.")
+
+
+class _PixelLikelihood(_ModelSection):
+    """Options of the pixel likelihood ``p(x | z_1)``, shared by the built-in kinds."""
+
     likelihood: Literal["bernoulli", "categorical", "logistic_mixture"] = Field(
         "bernoulli",
         description="Pixel likelihood p(x|z_1): 'bernoulli' for binarized images; "
@@ -205,9 +190,116 @@ class ModelConfig(_Section):
     num_mixtures: int = Field(
         5, ge=1, description="Mixture components of the logistic_mixture likelihood."
     )
+
+
+class _MLPHierarchy(_PixelLikelihood):
+    """Options of the built-in hierarchies of MLP blocks."""
+
+    latent_dims: list[PositiveInt] = Field(
+        default_factory=lambda: [64, 32, 16, 8, 4],
+        min_length=1,
+        description="Size of each stochastic layer, z_1 (next to x) first and the "
+        "top layer z_L last; one entry gives a single-layer VAE.",
+    )
+    hidden_dims: list[PositiveInt] = Field(
+        default_factory=lambda: [512, 256],
+        min_length=1,
+        description="Widths of the hidden layers of every deterministic MLP block.",
+    )
+    batch_norm: bool = Field(
+        True, description="Batch normalisation in the deterministic MLP blocks."
+    )
     activation: Literal["elu", "relu", "tanh", "silu"] = Field(
         "elu", description="Nonlinearity of the deterministic MLP blocks."
     )
+
+
+class LadderConfig(_MLPHierarchy):
+    """The ladder hierarchy (the default kind): top-down inference that shares the
+    generative path with the posterior, as in 'Ladder Variational Autoencoders'."""
+
+    kind: Literal["ladder"] = Field(
+        "ladder",
+        description="'ladder': the top-down hierarchy (the default when `kind` is left out).",
+    )
+    posterior: Literal["residual", "independent"] = Field(
+        "residual",
+        description="'residual': each posterior is parameterised relative to the "
+        "prior of its layer (as in 'NVAE: A Deep Hierarchical Variational "
+        "Autoencoder'); 'independent': posterior mean and scale predicted directly.",
+    )
+    flows: NonNegativeInt = Field(
+        0,
+        description="Inverse autoregressive flow steps applied to each posterior "
+        "sample (0 = Gaussian posteriors).",
+    )
+
+
+class BottomUpConfig(_MLPHierarchy):
+    """The naive hierarchy: the ladder's generative model with a guide that infers each
+    latent layer from the one below it only (the posterior-collapse comparison)."""
+
+    kind: Literal["bottom_up"] = Field(
+        description="'bottom_up': the naive hierarchy with a bottom-up guide."
+    )
+
+
+#: A dotted import path ``package.module.Name`` or a file ``path/to/file.py:Name``.
+_CLASS_PATH = re.compile(r"^(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+|[^:]+\.py:[A-Za-z_]\w*)$")
+
+
+class CustomModelConfig(_ModelSection):
+    """A hierarchy of your own, built by calling the class or function that class_path
+    names with init_args (see the tutorial 'Writing a hierarchy of your own')."""
+
+    kind: Literal["custom"] = Field(description="'custom': a user-written hierarchy.")
+    class_path: str = Field(
+        description="What builds the hierarchy: a class or function, as a dotted "
+        "import path `package.module.Name` (importable from the working directory "
+        "or the Python path) or as `path/to/file.py:Name` (a relative file is taken "
+        "from the working directory and stored absolute). It is called with "
+        "`init_args`, plus `data_shape` (e.g. (1, 28, 28)) when it has a parameter "
+        "of that name, and must return an nn.Module with `model(x)` and `guide(x)`.",
+    )
+    init_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of `class_path` (YAML values).",
+    )
+
+    @field_validator("class_path")
+    @classmethod
+    def _import_path_or_file(cls, value: str) -> str:
+        """Check the form; a relative file is taken from the working directory now, so
+        that the run folder's copy of the config finds it from anywhere."""
+        if not _CLASS_PATH.match(value):
+            raise PydanticCustomError(
+                "class_path",
+                "expected a dotted import path like my_package.my_module.MyVAE or a "
+                "file and name like path/to/file.py:MyVAE",
+            )
+        file, sep, name = value.rpartition(":")
+        if sep and file.endswith(".py") and not Path(file).expanduser().is_absolute():
+            return f"{Path.cwd() / file}:{name}"
+        return value
+
+
+#: The configuration of each kind of hierarchy; adding a kind adds its class here
+#: (and its builder to :func:`pyro_hvae.models.build.build_model`).
+MODEL_KINDS: tuple[type[_ModelSection], ...] = (LadderConfig, BottomUpConfig, CustomModelConfig)
+
+
+def _kind_of(value: Any) -> str | None:
+    """The kind of a model section; ``ladder`` when left out."""
+    if isinstance(value, dict):
+        return value.get("kind", "ladder")
+    return getattr(value, "kind", None)
+
+
+#: The ``model`` section: one of :data:`MODEL_KINDS`, chosen by its ``kind``.
+ModelConfig = Annotated[
+    Union[tuple(Annotated[kind, Tag(kind.model_fields["kind"].annotation.__args__[0])] for kind in MODEL_KINDS)],
+    Discriminator(_kind_of),
+]
 
 
 class TrainConfig(_Section):
@@ -324,7 +416,8 @@ class Config(_Section):
     )
     data: DataConfig = Field(default_factory=DataConfig, description="Data options.")
     model: ModelConfig = Field(
-        default_factory=ModelConfig, description="Architecture options."
+        default_factory=LadderConfig,
+        description="Architecture options, by `kind` (all of them fixed once a run starts).",
     )
     train: TrainConfig = Field(
         default_factory=TrainConfig, description="Training options."
@@ -338,6 +431,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _likelihood_fits_pixels(self) -> "Config":
+        if not isinstance(self.model, _PixelLikelihood):  # a custom hierarchy's own business
+            return self
         likelihood, binarize = self.model.likelihood, self.data.binarize
         if likelihood == "bernoulli" and binarize == "none":
             raise _conflict(
@@ -356,11 +451,11 @@ class Config(_Section):
         return self
 
 
-#: Dotted names of the options that fix the shapes of the model's parameters; a
-#: resumed run may not change them.
+#: Dotted names of the options that fix the shapes of the model's parameters (the
+#: options of every kind); a resumed run may not change them.
 ARCHITECTURE_FIELDS: tuple[str, ...] = (
     "data.dataset",
-    *(f"model.{name}" for name in ModelConfig.model_fields),
+    *dict.fromkeys(f"model.{name}" for kind in MODEL_KINDS for name in kind.model_fields),
 )
 
 
@@ -374,14 +469,18 @@ DATA_STREAM_FIELDS: tuple[str, ...] = tuple(
 def _changes(old: Config, new: Config, fields: Sequence[str]) -> list[str]:
     def value(cfg: Config, dotted: str) -> Any:
         section, name = dotted.split(".")
-        return getattr(getattr(cfg, section), name)
+        return getattr(getattr(cfg, section), name, None)  # None: not an option of this kind
 
     return [f for f in fields if value(old, f) != value(new, f)]
 
 
 def architecture_changes(old: Config, new: Config) -> list[str]:
-    """Dotted names from :data:`ARCHITECTURE_FIELDS` whose values differ."""
-    return _changes(old, new, ARCHITECTURE_FIELDS)
+    """Dotted names from :data:`ARCHITECTURE_FIELDS` whose values differ; between
+    models of different kinds, ``model.kind`` alone stands for the whole section."""
+    changes = _changes(old, new, ARCHITECTURE_FIELDS)
+    if old.model.kind != new.model.kind:
+        changes = [f for f in changes if not f.startswith("model.") or f == "model.kind"]
+    return changes
 
 
 def data_stream_changes(old: Config, new: Config) -> list[str]:
@@ -579,28 +678,55 @@ def _dotted(loc: Sequence[str | int]) -> str:
     return text.lstrip(".") or "<config>"
 
 
-def _section_options(loc: Sequence[str | int]) -> list[str] | None:
-    """Option names of the section at ``loc``, or None when it is not a section."""
-    model: type[BaseModel] = Config
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
+def _kinds(annotation: Any) -> dict[str, type[BaseModel]] | None:
+    """``{tag: section}`` of a union of sections discriminated by ``kind``, else None."""
+    if get_origin(annotation) is not Union:
+        return None
+    members = [get_args(a)[0] if get_origin(a) is Annotated else a for a in get_args(annotation)]
+    if not all(isinstance(m, type) and issubclass(m, BaseModel) and "kind" in m.model_fields for m in members):
+        return None
+    return {get_args(m.model_fields["kind"].annotation)[0]: m for m in members}
+
+
+def _walk(loc: Sequence[str | int]) -> tuple[tuple[str | int, ...], type[BaseModel] | None]:
+    """``loc`` without the union tags pydantic inserts (``("model", "custom", "x")`` is
+    ``model.x``), and the section at its end (None when it ends at an option)."""
+    shown: list[str | int] = []
+    model: type[BaseModel] | None = Config
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        shown.append(part)
+        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
         annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return list(model.model_fields)
+        kinds = _kinds(annotation)
+        if kinds is not None and parts and parts[0] in kinds:
+            model = kinds[parts.pop(0)]
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            model = None
+    return tuple(shown), model
 
 
 def _message(error: Mapping[str, Any]) -> str:
     """Readable text of one pydantic error (without its location)."""
     loc = error["loc"]
     if error["type"] == "extra_forbidden":
-        options = _section_options(loc[:-1])
-        if options is None:
+        _, section = _walk(loc[:-1])
+        if section is None:
             return "unknown option"
+        options = list(section.model_fields)
         close = difflib.get_close_matches(str(loc[-1]), options, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"unknown option{hint} (valid here: {', '.join(options)})"
+        kind = section.model_fields.get("kind")
+        of_kind = f" of kind '{get_args(kind.annotation)[0]}'" if kind and get_origin(kind.annotation) is Literal else ""
+        return f"unknown option{of_kind}{hint} (valid here: {', '.join(options)})"
+    if error["type"] == "union_tag_invalid":
+        *tags, last = error["ctx"]["expected_tags"].split(", ")
+        return f"Input should be {', '.join(tags)} or {last}, got {error['ctx']['tag']!r}"
+    if error["type"] == "union_tag_not_found":
+        return f"expected a mapping of options, got {error.get('input')!r}"
     message = error["msg"]
     value = error.get("input")
     if error["type"] != "missing" and not isinstance(value, dict) and len(repr(value)) <= 80:
@@ -612,7 +738,9 @@ def _validation_errors(err: ValidationError, origins: _Origins) -> list[str]:
     """One line per pydantic error: dotted path, message and origin."""
     lines = []
     for error in err.errors(include_url=False):
-        loc = tuple(error["loc"])
+        loc, _ = _walk(error["loc"])
+        if error["type"] == "union_tag_invalid":  # an unknown kind
+            loc = (*loc, "kind")
         if error["type"] == _CONFLICT:
             fields = [(*loc, *f.split(".")) for f in error["ctx"]["fields"]]
             where, origin, message = fields[0], origins.of_all(fields), error["msg"]

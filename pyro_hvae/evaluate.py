@@ -5,6 +5,8 @@ Per image of the chosen split it computes
 * the ELBO from one posterior sample, ``log p(x | z) - sum_l KL_l``, with the same
   per-layer KL as training's validation ELBO (analytic where
   :func:`~pyro_hvae.train.uses_analytic_kl` says it is valid, else Monte Carlo);
+  the hierarchy, built-in or custom, is rebuilt from the checkpoint's stored config
+  (:func:`~pyro_hvae.models.build.build_hierarchy`);
 * the importance-weighted estimate of ``log p(x)`` with ``K`` samples
   (:func:`~pyro_hvae.infer.iw.log_likelihood`), with the Pareto ``k-hat`` and the
   Kish effective sample size of its ``K`` weights;
@@ -38,7 +40,7 @@ import pyro
 import torch
 from tqdm import tqdm
 
-from pyro_hvae.config import Config, config_from_yaml
+from pyro_hvae.config import Config, CustomModelConfig, config_from_yaml
 from pyro_hvae.data import load_splits
 from pyro_hvae.infer.diagnostics import (
     active_units,
@@ -49,11 +51,12 @@ from pyro_hvae.infer.diagnostics import (
     posterior_moments,
 )
 from pyro_hvae.infer.elbo import site_kl
-from pyro_hvae.infer.iw import get_traces, log_likelihood
+from pyro_hvae.infer.iw import _find_frame, _sum_except, get_traces, log_likelihood
 from pyro_hvae.likelihoods import bits_per_dim
-from pyro_hvae.models import HierarchicalVAE
+from pyro_hvae.models.build import build_hierarchy
+from pyro_hvae.models.protocol import Hierarchy
 from pyro_hvae.run import RunError, atomic_write, load_checkpoint, versions
-from pyro_hvae.train import build_model, uses_analytic_kl
+from pyro_hvae.train import uses_analytic_kl
 
 __all__ = ["evaluate_checkpoint"]
 
@@ -104,12 +107,12 @@ def evaluate_checkpoint(
     results_path = _results_path(out, path.parent, split, K, force)
 
     splits = load_splits(cfg.data)
-    vae, ema = _load_vae(state, cfg, splits.data_shape, path)
+    vae, hierarchy, ema = _load_vae(state, cfg, splits, path)
     vae.to(device).eval()
     dataset = getattr(splits, split)
     pyro.set_rng_seed(seed)
     with torch.no_grad(), pyro.validation_enabled(False), pyro.settings.context(module_local_params=True):
-        per_image, means = _per_image(vae, dataset, K, chunk_size, batch_size, uses_analytic_kl(cfg), device)
+        per_image, means = _per_image(vae, hierarchy, dataset, K, chunk_size, batch_size, uses_analytic_kl(cfg, hierarchy), device)
 
     sites = [name for name in per_image if name.startswith("kl_")]
     num_dims = math.prod(splits.data_shape)
@@ -144,7 +147,7 @@ def evaluate_checkpoint(
         "kl_per_layer": {name[3:]: float(per_image[name].mean()) for name in sites},
         "active_units": {
             name: [active_units(means[name][0], mc_variance=means[name][1])[0], means[name].shape[-1]]
-            for name in vae.latent_sites
+            for name in hierarchy.latent_sites
         },
         "versions": versions(),
         "results": str(results_path),
@@ -180,24 +183,27 @@ def _results_path(out: str | Path | None, run_dir: Path, split: str, K: int, for
     return path
 
 
-def _load_vae(state: dict[str, Any], cfg: Config, data_shape: tuple[int, ...], path: Path) -> tuple[HierarchicalVAE, bool]:
+def _load_vae(state: dict[str, Any], cfg: Config, splits, path: Path) -> tuple[torch.nn.Module, Hierarchy, bool]:
     """The network of a checkpoint, with the weights training evaluated: the EMA when there is one."""
     if state.get("kind") == "last":
         ema = state["ema"] is not None
         weights = state["ema"] if ema else state["model"]
     else:
         ema, weights = bool(state.get("ema")), state.get("model")
-    vae = build_model(cfg.model, data_shape)
+    example = splits.train.batch(torch.arange(2), generator=torch.Generator().manual_seed(0))
+    vae, hierarchy = build_hierarchy(cfg.model, splits.data_shape, example)
     try:
         vae.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RunError(f"{path}: the weights do not fit the model its config describes ({reason[:200]}); the checkpoint is damaged") from None
-    return vae, ema
+        cause = "the class named by model.class_path changed since training" if isinstance(cfg.model, CustomModelConfig) else "the checkpoint is damaged"
+        raise RunError(f"{path}: the weights do not fit the model its config describes ({reason[:200]}); {cause}") from None
+    return vae, hierarchy, ema
 
 
 def _per_image(
-    vae: HierarchicalVAE,
+    vae: torch.nn.Module,
+    hierarchy: Hierarchy,
     dataset,
     K: int,
     chunk_size: int,
@@ -214,13 +220,20 @@ def _per_image(
         for start in range(0, len(dataset), batch_size):
             x = dataset.batch(torch.arange(start, min(start + batch_size, len(dataset)))).to(device)
             model_trace, guide_trace = get_traces(vae.model, vae.guide, x)
-            reconstruction = model_trace.nodes["x"]["fn"].log_prob(x)
+            observed = model_trace.nodes[hierarchy.observed_site]
+            data_dim = _find_frame(observed, hierarchy.data_plate).dim
+            reconstruction = _sum_except(observed["fn"].log_prob(x), (data_dim,))
             if analytic:
-                kl = kl_per_site(model_trace, guide_trace)
+                kl = kl_per_site(model_trace, guide_trace, data_plate=hierarchy.data_plate)
             else:  # a guide that samples against the model's order: Monte Carlo KL
-                kl = {name: site_kl(guide_trace.nodes[name], model_trace.nodes[name], analytic=False) for name in vae.latent_sites}
+                kl = {
+                    name: _sum_except(site_kl(guide_trace.nodes[name], site, analytic=False), (data_dim,))
+                    for name, site in model_trace.nodes.items()
+                    if site["type"] == "sample" and not site["is_observed"]
+                }
             estimate, log_weights = log_likelihood(
-                vae.model, vae.guide, x, num_samples=K, chunk_size=chunk_size, return_log_weights=True
+                vae.model, vae.guide, x, num_samples=K, chunk_size=chunk_size, return_log_weights=True,
+                data_plate=hierarchy.data_plate,
             )
             log_weights = log_weights.cpu()
             row = {
@@ -228,11 +241,11 @@ def _per_image(
                 "log_likelihood": estimate,
                 "khat": _khat(log_weights),
                 "ess_fraction": effective_sample_size(log_weights) / K,
-                **{f"kl_{name}": kl[name] for name in vae.latent_sites},
+                **{f"kl_{name}": kl[name] for name in hierarchy.latent_sites},
             }
             for key, value in row.items():
                 columns.setdefault(key, []).append(value.detach().cpu())
-            for name, (mean, noise) in posterior_moments(vae.model, vae.guide, [x]).items():
+            for name, (mean, noise) in posterior_moments(vae.model, vae.guide, [x], data_plate=hierarchy.data_plate).items():
                 means.setdefault(name, []).append(torch.stack([mean, noise]).cpu())
             progress.update(x.shape[0])
     per_image = {key: torch.cat(values).double().numpy() for key, values in columns.items()}

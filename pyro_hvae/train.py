@@ -20,16 +20,17 @@ from typing import Any
 
 import pyro
 import torch
+from torch import nn
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from pyro_hvae.config import Config, ModelConfig, dump_config
+from pyro_hvae.config import Config, dump_config
 from pyro_hvae.data import InMemoryLoader, Splits, load_splits
 from pyro_hvae.infer.elbo import HierarchicalELBO
 from pyro_hvae.infer.iw import log_likelihood
 from pyro_hvae.infer.step import EMA, TrainStep, UpdateSkipper, kl_weight, warmup_cosine
-from pyro_hvae.likelihoods import Bernoulli, Categorical, Likelihood, LogisticMixture
-from pyro_hvae.models import BottomUpVAE, HierarchicalVAE, LadderVAE
+from pyro_hvae.models.build import build_hierarchy
+from pyro_hvae.models.protocol import Hierarchy, prior_means, reconstruction_means
 from pyro_hvae.run import MetricsLog, RunError, load_checkpoint, save_checkpoint, write_run_info
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -46,30 +47,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message names the likely cause."""
 
 
-def build_likelihood(cfg: ModelConfig) -> Likelihood:
-    if cfg.likelihood == "categorical":
-        return Categorical(cfg.num_levels)
-    if cfg.likelihood == "logistic_mixture":
-        return LogisticMixture(cfg.num_mixtures)
-    return Bernoulli()
-
-
-def build_model(cfg: ModelConfig, data_shape: tuple[int, ...]) -> HierarchicalVAE:
-    """The hierarchy a model config describes."""
-    common = dict(
-        likelihood=build_likelihood(cfg),
-        batch_norm=cfg.batch_norm,
-        activation=cfg.activation,
-    )
-    if cfg.kind == "bottom_up":
-        return BottomUpVAE(data_shape, cfg.latent_dims, cfg.hidden_dims, **common)
-    return LadderVAE(data_shape, cfg.latent_dims, cfg.hidden_dims, posterior=cfg.posterior, flows=cfg.flows, **common)
-
-
-def uses_analytic_kl(cfg: Config) -> bool:
-    """Analytic KL where valid: a bottom-up guide samples latents against the model's
-    order, so its KL is always Monte Carlo."""
-    return cfg.train.elbo == "analytic" and cfg.model.kind == "ladder"
+def uses_analytic_kl(cfg: Config, hierarchy: Hierarchy) -> bool:
+    """Analytic KL when ``train.elbo`` asks for it and the hierarchy says it is valid for
+    its guide (a bottom-up guide samples against the model's order: Monte Carlo KL)."""
+    return cfg.train.elbo == "analytic" and hierarchy.analytic_kl
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,13 +83,15 @@ class Trainer:
         self.device = device
         self.splits = splits if splits is not None else load_splits(cfg.data)
         pyro.set_rng_seed(cfg.seed)  # before building: IAF networks draw their masks
-        self.vae = build_model(cfg.model, self.splits.data_shape).to(device)
+        example = self.splits.train.batch(torch.arange(2), generator=torch.Generator().manual_seed(0))
+        vae, self.hierarchy = build_hierarchy(cfg.model, self.splits.data_shape, example)
+        self.vae = vae.to(device)
         train, optim = cfg.train, cfg.optim
         self.elbo = HierarchicalELBO(
             train.num_particles,
             free_bits=train.free_bits,
-            analytic_kl=uses_analytic_kl(cfg),
-            max_plate_nesting=1,
+            analytic_kl=uses_analytic_kl(cfg, self.hierarchy),
+            max_plate_nesting=self.hierarchy.max_plate_nesting,
         )
         self.optimizer = OPTIMIZERS[optim.name](
             self.vae.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
@@ -132,7 +115,7 @@ class Trainer:
         self.stale_evaluations = 0
 
     @property
-    def eval_vae(self) -> HierarchicalVAE:
+    def eval_vae(self) -> nn.Module:
         """The weights used for evaluation: the EMA when configured."""
         return self.ema.shadow if self.ema is not None else self.vae
 
@@ -159,7 +142,11 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.vae.load_state_dict(state["model"])
+        try:
+            self.vae.load_state_dict(state["model"])
+        except RuntimeError as err:  # e.g. a custom hierarchy's class changed since the checkpoint
+            reason = " ".join(str(err).split())[:200]
+            raise RunError(f"the checkpoint's weights do not fit the model its config builds ({reason}); resume with the code it was trained with") from None
         if self.ema is not None and state["ema"] is not None:
             self.ema.shadow.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -308,7 +295,7 @@ class Trainer:
         """Evaluate; save images and, when improved, best.pt. Returns whether to stop early."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.cfg.seed + self.step)
-            metrics = evaluate_elbo(self.eval_vae, self.splits.val, self.cfg, self.device)
+            metrics = evaluate_elbo(self.eval_vae, self.hierarchy, self.splits.val, self.cfg, self.device)
             self._save_images(self.splits.val if len(self.splits.val) else self.splits.train)
         # without a validation split (data.val_size: 0) the latest weights count as best
         improved = not metrics or metrics["val_elbo"] > self.best["val_elbo"]
@@ -330,22 +317,23 @@ class Trainer:
         vae.eval()
         folder = self.run_dir / "images"
         folder.mkdir(exist_ok=True)
-        save_image(vae.sample(64), folder / f"samples_{self.step:07d}.png", nrow=8)
         x = images.batch(torch.arange(min(32, len(images)))).to(self.device)
-        pairs = torch.stack([x, vae.reconstruct(x)], dim=1).flatten(0, 1)
+        samples = prior_means(vae, self.hierarchy, x[torch.arange(64) % len(x)])  # x sets only the batch size
+        save_image(samples, folder / f"samples_{self.step:07d}.png", nrow=8)
+        pairs = torch.stack([x, reconstruction_means(vae, self.hierarchy, x)], dim=1).flatten(0, 1)
         save_image(pairs, folder / f"reconstructions_{self.step:07d}.png", nrow=8)
         vae.train(was_training)
 
 
 @torch.no_grad()
-def evaluate_elbo(vae: HierarchicalVAE, dataset, cfg: Config, device: torch.device) -> dict[str, Any]:
+def evaluate_elbo(vae: nn.Module, hierarchy: Hierarchy, dataset, cfg: Config, device: torch.device) -> dict[str, Any]:
     """Validation metrics per image: ELBO, reconstruction, KL per layer and, when
     ``train.val_num_samples > 0``, an importance-weighted bound with that many samples."""
     if len(dataset) == 0:
         return {}
     was_training = vae.training
     vae.eval()
-    elbo = HierarchicalELBO(analytic_kl=uses_analytic_kl(cfg), max_plate_nesting=1)
+    elbo = HierarchicalELBO(analytic_kl=uses_analytic_kl(cfg, hierarchy), max_plate_nesting=hierarchy.max_plate_nesting)
     totals: dict[str, Any] = {"elbo": 0.0, "reconstruction": 0.0, "kl": {}, "iw": 0.0}
     K = cfg.train.val_num_samples
     for start in range(0, len(dataset), cfg.data.eval_batch_size):
@@ -358,7 +346,7 @@ def evaluate_elbo(vae: HierarchicalVAE, dataset, cfg: Config, device: torch.devi
         for name, kl in elbo.terms["kl"].items():
             totals["kl"][name] = totals["kl"].get(name, 0.0) + float(kl) * n
         if K:
-            totals["iw"] += float(log_likelihood(vae.model, vae.guide, x, num_samples=K).sum())
+            totals["iw"] += float(log_likelihood(vae.model, vae.guide, x, num_samples=K, data_plate=hierarchy.data_plate).sum())
     vae.train(was_training)
     n = len(dataset)
     metrics = {

@@ -9,8 +9,9 @@ from pyro_hvae.config import (
     ARCHITECTURE_FIELDS,
     Config,
     ConfigError,
+    MODEL_KINDS,
     DataConfig,
-    ModelConfig,
+    LadderConfig,
     architecture_changes,
     dump_config,
     load_config,
@@ -80,8 +81,8 @@ def test_override_values_use_yaml_with_exponent_floats(text, value):
 def test_later_override_wins_and_mappings_merge(tmp_path):
     assert parse_overrides(["optim.lr=1", "optim.lr=2"]) == {"optim": {"lr": 2}}
     path = write(tmp_path, "model:\n  latent_dims: [8, 4]\n  kind: ladder\n")
-    cfg = load_config(path, ["model={kind: bottom_up, flows: 2}"])
-    assert cfg.model.kind == "bottom_up"
+    cfg = load_config(path, ["model={kind: ladder, flows: 2}"])
+    assert cfg.model.kind == "ladder"
     assert cfg.model.flows == 2
     assert cfg.model.latent_dims == [8, 4]
 
@@ -242,7 +243,7 @@ def test_grey_level_likelihoods_need_unbinarized_data(tmp_path):
     assert "model.likelihood" in line and "data.binarize: none" in line
     assert line.endswith(f"(from {path} and override 'model.likelihood=categorical')")
     with pytest.raises(ValueError, match="grey levels"):
-        Config(model=ModelConfig(likelihood="logistic_mixture"))
+        Config(model=LadderConfig(likelihood="logistic_mixture"))
 
 
 def test_consistent_grey_level_configs_load():
@@ -287,7 +288,7 @@ def test_architecture_changes():
     )
     assert architecture_changes(old, new) == ["data.dataset", "model.latent_dims"]
     assert set(ARCHITECTURE_FIELDS) == {"data.dataset"} | {
-        f"model.{name}" for name in ModelConfig.model_fields
+        f"model.{name}" for kind in MODEL_KINDS for name in kind.model_fields
     }
 
 
@@ -296,6 +297,8 @@ def sections(model: type[BaseModel] = Config):
     for field in model.model_fields.values():
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             yield from sections(field.annotation)
+    if model is Config:
+        yield from MODEL_KINDS
 
 
 def test_every_option_is_described_and_extra_keys_forbidden():

@@ -8,9 +8,11 @@
 walks :class:`pyro_hvae.config.Config` at build time and emits one section per
 configuration section (``data``, ``model``, ...) with a table of its options: the
 dotted name, the accepted type with its bounds (from the pydantic JSON schema), the
-default (from ``Config()``) and the field's description. The top-level scalar
-options (``name``, ``seed``, ...) come first, in a section of their own. A field
-without a description is reported as a warning, which fails a ``-W`` build.
+default (or "required") and the field's description. A section that is a union
+discriminated by ``kind`` (``model``) gets one section per kind, each listing only
+that kind's options. The top-level scalar options (``name``, ``seed``, ...) come
+first, in a section of their own. A field without a description is reported as a
+warning, which fails a ``-W`` build.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from docutils import nodes
 from pydantic import BaseModel
+from pydantic_core import PydanticUndefined, to_jsonable_python
 from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
 
@@ -75,7 +78,7 @@ def _type(schema: dict[str, Any], plural: bool = False) -> str:
             return "[" + ", ".join(_type(i) for i in items) + "]"
         size = "non-empty list" if schema.get("minItems", 0) >= 1 else "list"
         return f"{size} of {_type(schema.get('items', {}), plural=True)}"
-    names = {"integer": "integer", "number": "float", "boolean": "bool", "string": "string"}
+    names = {"integer": "integer", "number": "float", "boolean": "bool", "string": "string", "object": "mapping"}
     name = names.get(kind, kind or "any")
     if kind == "string" and schema.get("format") == "path":
         name = "path"
@@ -126,23 +129,25 @@ class ConfigReference(SphinxDirective):
 
     def _section(self, key: str, title: str, intro: str, rows) -> nodes.section:
         section = nodes.section(ids=[f"config-{key}"], names=[f"config-{key}"])
-        section += nodes.title(title, "", nodes.literal(title, title) if key != "top" else nodes.Text(title))
+        section += nodes.title(title, "", *_inline(title) if key != "top" else [nodes.Text(title)])
         if intro:
             section += nodes.paragraph("", "", *_inline(intro))
         section += _table(rows)
         return section
 
-    def _rows(self, model: type[BaseModel], defaults: dict, schema: dict, prefix: str, where: str):
+    def _rows(self, model: type[BaseModel], schema: dict, prefix: str, where: str):
         rows = []
         for name, field in model.model_fields.items():
-            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            if _sections(field.annotation):
                 continue
             description = field.description or ""
             if not description:
                 logger.warning(
                     "config option %s%s has no description in %s", prefix, name, where, location=self.get_location()
                 )
-            rows.append((prefix + name, _type(schema["properties"][name]), _default(defaults[name]), description))
+            default = field.get_default(call_default_factory=True)
+            shown = "required" if default is PydanticUndefined else _default(to_jsonable_python(default))
+            rows.append((prefix + name, _type(schema["properties"][name]), shown, description))
         return rows
 
     def run(self) -> list[nodes.Node]:
@@ -150,17 +155,25 @@ class ConfigReference(SphinxDirective):
 
         self.env.note_dependency(__import__("pyro_hvae.config", fromlist=["_"]).__file__)
         schema = Config.model_json_schema()
-        defaults = Config().model_dump(mode="json")
-        sections = [self._section("top", "Top-level options", "", self._rows(Config, defaults, schema, "", "Config"))]
+        sections = [self._section("top", "Top-level options", "", self._rows(Config, schema, "", "Config"))]
         for name, field in Config.model_fields.items():
-            model = field.annotation
-            if not (isinstance(model, type) and issubclass(model, BaseModel)):
-                continue
-            sub_schema = schema["$defs"][model.__name__]
-            intro = _first_paragraph(model.__doc__)
-            rows = self._rows(model, defaults[name], sub_schema, f"{name}.", model.__name__)
-            sections.append(self._section(name, name, intro, rows))
+            kinds = _sections(field.annotation)
+            for kind, model in kinds.items():
+                key, title = (f"{name}-{kind}", f"`{name}` (kind: {kind})") if kind else (name, f"`{name}`")
+                intro = _first_paragraph(model.__doc__)
+                rows = self._rows(model, schema["$defs"][model.__name__], f"{name}.", model.__name__)
+                sections.append(self._section(key, title, intro, rows))
         return sections
+
+
+def _sections(annotation) -> dict[str, type[BaseModel]]:
+    """``{"": section}`` for a section, ``{kind: section}`` for a union of sections
+    discriminated by ``kind``, ``{}`` for an option."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {"": annotation}
+    from pyro_hvae.config import _kinds
+
+    return _kinds(annotation) or {}
 
 
 def setup(app):

@@ -1,4 +1,22 @@
-"""What every hierarchy in this package offers besides its ``model`` and ``guide``."""
+"""What every hierarchy offers besides its ``model`` and ``guide``: the protocol's defaults.
+
+The trainer and ``pyro-hvae evaluate`` use a hierarchy, built-in or your own, only
+through this small protocol (checked by :func:`~pyro_hvae.models.protocol.inspect_hierarchy`):
+
+* ``vae.model(x)`` and ``vae.guide(x)``: Pyro programs over a batch ``x`` of shape
+  ``[N, *data_shape]``; the guide a plain callable or a ``GuideMessenger``;
+* ``vae`` is an ``nn.Module`` holding every parameter (they are trained with
+  ``torch.optim`` over ``vae.parameters()`` under ``module_local_params``);
+* ``data_plate``: the plate over data points that every sample site lies in (``"data"``);
+* ``observed_site``: the site that observes ``x`` (``"x"``);
+* ``latent_sites``: the per-layer latent sites, bottom first, whose KL is logged and
+  whose active units are counted (None: every latent site of the model, found from a trace);
+* ``analytic_kl``: whether a closed-form KL per site is valid for the guide (None:
+  valid when the guide samples the latents in the model's order, found from a trace).
+
+:class:`HierarchicalVAE` gives these defaults; a plain ``nn.Module`` with ``model``
+and ``guide`` gets the same ones.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +29,32 @@ from pyro_hvae.models.top_down import TopDownModel, latent_site
 
 
 class HierarchicalVAE(nn.Module):
-    """Base class: a :class:`TopDownModel` ``self.model`` and a guide ``self.guide``.
+    """Base class: a model ``self.model`` and a guide ``self.guide``, with the protocol's
+    defaults (see the module docstring).
 
-    Both are ``nn.Module`` s, so ``Trace_ELBO()(vae.model, vae.guide).parameters()``
-    and ``vae.parameters()`` both hold every parameter, and ``vae.to(device)`` moves
-    them all.
+    Built-in hierarchies hold a :class:`TopDownModel` as ``self.model`` and a guide
+    module as ``self.guide``; both are ``nn.Module`` s, so ``vae.parameters()`` holds
+    every parameter and ``vae.to(device)`` moves them all. A subclass of your own may
+    instead define ``model`` and ``guide`` as methods.
     """
 
     model: TopDownModel
     guide: nn.Module
 
+    #: Name of the plate over data points that every sample site lies in.
+    data_plate: str = "data"
+    #: Name of the sample site that observes ``x``.
+    observed_site: str = "x"
+    #: Whether the closed-form KL of each latent site is valid for this guide; None
+    #: decides from a trace (valid when the guide samples in the model's order).
+    analytic_kl: bool | None = None
+
     @property
-    def latent_sites(self) -> list[str]:
-        """Latent site names, bottom first: ``["z_1", ..., "z_L"]``."""
+    def latent_sites(self) -> list[str] | None:
+        """Latent site names, bottom first: ``["z_1", ..., "z_L"]`` for a
+        :class:`TopDownModel`; None elsewhere (every latent site, found from a trace)."""
+        if not isinstance(self.model, TopDownModel):
+            return None
         return [latent_site(layer) for layer in range(1, self.model.num_layers + 1)]
 
     @property
@@ -33,14 +64,19 @@ class HierarchicalVAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, num_samples: int, *, mean: bool = True) -> torch.Tensor:
-        """Images from the prior: ``z ~ p(z)``, then ``E[x | z_1]`` (``mean=True``) or ``x ~ p(x | z_1)``."""
+        """Images from the prior: ``z ~ p(z)``, then ``E[x | z_1]`` (``mean=True``) or ``x ~ p(x | z_1)``.
+
+        Calls ``model(batch_size=num_samples)`` as a :class:`TopDownModel` allows; for a
+        model that needs ``x``, :func:`~pyro_hvae.models.protocol.prior_means` takes a batch
+        that only sets the number of samples.
+        """
         trace = poutine.trace(self.model).get_trace(batch_size=num_samples)
-        site = trace.nodes["x"]
+        site = trace.nodes[self.observed_site]
         return site["fn"].mean if mean else site["value"]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, *, mean: bool = True) -> torch.Tensor:
         """Reconstructions: ``z ~ q(z | x)``, then ``E[x' | z_1]`` (``mean=True``) or a sample."""
         model_trace, _ = get_traces(self.model, self.guide, x)
-        observation = model_trace.nodes["x"]["fn"]
+        observation = model_trace.nodes[self.observed_site]["fn"]
         return observation.mean if mean else observation.sample()

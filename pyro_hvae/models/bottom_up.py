@@ -61,6 +61,8 @@ class BottomUpVAE(HierarchicalVAE):
     Arguments as for :class:`~pyro_hvae.LadderVAE` (``latent_dims`` bottom first).
     """
 
+    analytic_kl = False  # the guide samples against the model's order: Monte Carlo KL
+
     def __init__(
         self,
         data_shape: Sequence[int],

@@ -132,6 +132,8 @@ class LadderVAE(HierarchicalVAE):
     it and ``Trace_ELBO`` use a Monte Carlo KL.
     """
 
+    analytic_kl = True  # the guide samples the latents in the model's order
+
     def __init__(
         self,
         data_shape: Sequence[int],
