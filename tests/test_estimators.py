@@ -137,3 +137,36 @@ def test_a_module_in_training_mode_gets_one_warning():
     guide.train()
     with pytest.warns(UserWarning, match="evaluates Net, Net in training mode"):
         log_likelihood(model.forward, guide.forward, x, num_samples=2)
+
+
+# ---------------------------------------------------------------- kl_per_site
+
+
+@pytest.mark.parametrize("particle_plate", ["_iw_particles", "num_particles_vectorized"])
+def test_kl_per_site_averages_over_a_particle_plate_and_sums_other_plates(particle_plate):
+    """z_2 ~ N(0, 1), z_1 | z_2 ~ N(z_2, 1) per feature (3); q(z_2) = N(m, s), q(z_1 | z_2) =
+    N(z_2 + 1, 1). KL(z_1) is 3 * 1/2 nats for every particle; KL(z_2) does not depend on the
+    draws. Under K particles each is the mean over particles, not K times it."""
+    n, d, K = 4, 3, 5
+    m, s = torch.linspace(-1, 1, n), torch.full((n,), 0.5)
+
+    def model():
+        with pyro.plate("data", n, dim=-2):
+            z_2 = pyro.sample("z_2", dist.Normal(torch.zeros(n, 1), 1.0))
+            with pyro.plate("features", d, dim=-1):
+                pyro.sample("z_1", dist.Normal(z_2, 1.0))
+
+    def guide():
+        with pyro.plate("data", n, dim=-2):
+            z_2 = pyro.sample("z_2", dist.Normal(m.unsqueeze(-1), s.unsqueeze(-1)))
+            with pyro.plate("features", d, dim=-1):
+                pyro.sample("z_1", dist.Normal(z_2 + 1, 1.0))
+
+    from pyro_hvae.infer.diagnostics import kl_per_site
+
+    with pyro.plate(particle_plate, K, dim=-3):
+        kl = kl_per_site(*get_traces(model, guide))
+    exact_z_2 = torch.distributions.kl_divergence(dist.Normal(m, s), dist.Normal(0.0, 1.0))
+    assert kl["z_2"].shape == kl["z_1"].shape == (n,)
+    assert torch.allclose(kl["z_2"], exact_z_2)
+    assert torch.allclose(kl["z_1"], torch.full((n,), d * 0.5))

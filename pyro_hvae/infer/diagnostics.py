@@ -21,7 +21,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine import Trace
 
 from .elbo import site_kl
-from .iw import _PARTICLE_PLATE, _find_frame, _max_plate_nesting, _sum_except, get_traces
+from .iw import _PARTICLE_PLATE, _find_frame, _max_plate_nesting, _per_data_point, get_traces
 
 ArrayLike = Union[Tensor, np.ndarray]
 
@@ -238,9 +238,10 @@ def kl_per_site(
     otherwise the single-sample Monte Carlo estimate
     :math:`\\log q(z) - \\log p(z)` at the trace's value. Both condition on the
     upstream values in the traces, so for hierarchies the terms are
-    conditional KLs. Event dims and every batch dim except the data dim
-    (nested plates, particle plates) are summed; the model site's mask is
-    applied.
+    conditional KLs. Event dims and the batch dims of nested plates are summed,
+    particle plates (:data:`~pyro_hvae.infer.iw.PARTICLE_PLATES`: the one of
+    :func:`~pyro_hvae.infer.iw.log_likelihood` and Pyro's vectorized
+    ``num_particles_vectorized``) are averaged; the model site's mask is applied.
 
     The result is not detached: it carries gradients to guide and model
     parameters so that training losses (e.g. free bits) can use it.
@@ -252,6 +253,7 @@ def kl_per_site(
     """
     result = {}
     for name, site, model_site in _latent_sites(model_trace, guide_trace):
+        _data_axis(site, data_plate)  # refuses global sites
         kl = scale_and_mask(site_kl(site, model_site), mask=model_site["mask"])
-        result[name] = _sum_except(kl, (_data_axis(site, data_plate),))
+        result[name] = _per_data_point(kl, site, data_plate)
     return result

@@ -108,6 +108,24 @@ def _sum_except(tensor: Tensor, keep: Sequence[int]) -> Tensor:
     return tensor.sum(dims) if dims else tensor
 
 
+def _per_data_point(tensor: Tensor, site: dict, data_plate: str) -> Tensor:
+    """
+    A tensor over ``site``'s batch dims, per data point: averaged over particle plates
+    (:data:`PARTICLE_PLATES`) and summed over every other batch dim except the dim of
+    ``data_plate``. ``[N]`` for a site inside ``data_plate``, 0-d for a global site.
+    """
+    frames = [f for f in site["cond_indep_stack"] if f.vectorized]
+    ndim = max([tensor.dim()] + [-f.dim for f in frames])
+    tensor = tensor.reshape((1,) * (ndim - tensor.dim()) + tensor.shape)
+    particle_dims = [f.dim for f in frames if f.name in PARTICLE_PLATES]
+    if particle_dims:
+        tensor = tensor.mean(particle_dims, keepdim=True)
+    data = _find_frame(site, data_plate)
+    if data is None:
+        return tensor.sum()
+    return _sum_except(tensor, (data.dim,)).reshape(-1).expand(data.size)
+
+
 def _check_per_datum(model_trace: Trace, guide_trace: Trace, data_plate: str) -> None:
     sites = list(_sample_sites(model_trace)) + list(_sample_sites(guide_trace))
     frames = [f for _, site in sites if (f := _find_frame(site, data_plate)) is not None]
