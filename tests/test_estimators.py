@@ -108,11 +108,13 @@ class Net(nn.Module):
         self.observe = observe
         self.calls = 0
         self.register_forward_pre_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+        self.shapes = []  # of z, pass by pass
 
     def forward(self, x):
         shift = self.bn(x)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(shift.new_zeros(x.shape[0]), 1.0))
+            self.shapes.append(tuple(z.shape))
             if self.observe:
                 pyro.sample("x", dist.Normal(shift + z.unsqueeze(-1), 1.0).to_event(1), obs=x)
 
@@ -373,3 +375,24 @@ def test_elbo_needs_the_data_plate():
     layers = Layers()
     with pytest.raises(ValueError, match=r"no sample site lies in a plate named 'batch'.*data_plate="):
         HierarchicalELBO(data_plate="batch").loss(layers.model, layers.guide, layers.x)
+
+
+def test_posterior_moments_draw_the_first_sample_in_the_structure_pass():
+    from pyro_hvae.infer.diagnostics import posterior_moments
+
+    model, guide = Net(observe=True).eval(), Net(observe=False).eval()
+    moments = posterior_moments(model, guide, [torch.randn(6, 2)], num_samples=10)
+    assert guide.shapes == [(6,), (9, 6)]  # a plain pass, then 9 draws in one vectorized pass
+    mean, noise = moments["z"]
+    assert mean.shape == noise.shape == (6, 1)
+    assert torch.allclose(mean, torch.zeros(6, 1))  # q(z) = N(0, 1): its mean, exactly
+
+
+def test_posterior_moments_of_a_subsampled_plate_keep_one_subsample():
+    from pyro_hvae.infer.diagnostics import posterior_moments
+
+    conjugate = Conjugate()
+    mean, noise = posterior_moments(conjugate.model, conjugate.guide, [conjugate.x], num_samples=5)["z"]
+    index = conjugate.seen[0]
+    assert all(torch.equal(seen, index) for seen in conjugate.seen)
+    assert torch.allclose(mean, conjugate.x[index].unsqueeze(-1) / 2)  # the exact posterior mean
