@@ -396,3 +396,14 @@ def test_posterior_moments_of_a_subsampled_plate_keep_one_subsample():
     index = conjugate.seen[0]
     assert all(torch.equal(seen, index) for seen in conjugate.seen)
     assert torch.allclose(mean, conjugate.x[index].unsqueeze(-1) / 2)  # the exact posterior mean
+
+
+def test_elbo_refuses_a_sequential_data_plate():
+    from pyro_hvae.infer.elbo import HierarchicalELBO
+
+    def model(x):
+        for n in pyro.plate("data", len(x)):
+            pyro.sample(f"x_{n}", dist.Normal(0.0, 1.0), obs=x[n])
+
+    with pytest.raises(ValueError, match=r"plate 'data' is sequential.*with pyro\.plate"):
+        HierarchicalELBO().loss(model, lambda x: None, torch.zeros(2))

@@ -123,6 +123,11 @@ def _per_data_point(tensor: Tensor, site: dict, data_plate: str) -> Tensor:
     data = _find_frame(site, data_plate)
     if data is None:
         return tensor.sum()
+    if data.dim is None:
+        raise ValueError(
+            f"plate {data_plate!r} is sequential; use it as a context manager "
+            "(`with pyro.plate(...)`) so that it is vectorized"
+        )
     return _sum_except(tensor, (data.dim,)).reshape(-1).expand(data.size)
 
 
