@@ -17,11 +17,12 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine import Trace
 
 from .elbo import site_kl
-from .iw import _PARTICLE_PLATE, _find_frame, _max_plate_nesting, _sum_except, get_traces
+from .iw import _PARTICLE_PLATE, _find_frame, _max_plate_nesting, _per_data_point, _run, get_traces
 
 ArrayLike = Union[Tensor, np.ndarray]
 
@@ -152,9 +153,11 @@ def posterior_moments(
 
     In a hierarchy ``site["fn"].mean`` is only the conditional mean given the
     sampled upstream latents. This averages it over ``num_samples`` joint guide
-    samples, drawn in one vectorized pass (the Rao-Blackwellized estimate:
-    sites whose distribution has no closed-form mean, such as flows, average
-    their samples instead), and returns the variance of that average.
+    samples (the Rao-Blackwellized estimate: sites whose distribution has no
+    closed-form mean, such as flows, average their samples instead), and returns
+    the variance of that average. The first sample comes from a plain pass, which
+    also finds the plates, the others from one vectorized pass that replays the
+    first pass's data points when the data plate is subsampled.
     Event and non-data batch dims are flattened per data point. Runs under
     :func:`torch.no_grad`.
 
@@ -174,17 +177,16 @@ def posterior_moments(
     with torch.no_grad():
         for batch in batches:
             args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-            particle_dim = -1 - _max_plate_nesting(*get_traces(model, guide, *args))
-            with pyro.plate(_PARTICLE_PLATE, num_samples, dim=particle_dim):
+            # a plain first pass finds the plates and is the first draw; the others replay its subsample
+            first_model_trace, first_guide_trace, subsamples = _run(model, guide, *args)
+            particle_dim = -1 - _max_plate_nesting(first_model_trace, first_guide_trace)
+            with poutine.replay(trace=subsamples), pyro.plate(_PARTICLE_PLATE, num_samples - 1, dim=particle_dim):
                 model_trace, guide_trace = get_traces(model, guide, *args)
             for name, site, _ in _latent_sites(model_trace, guide_trace):
                 if sites is not None and name not in sites:
                     continue
-                fn = site["fn"]
-                value = _conditional_mean(fn, site["value"]).expand(fn.batch_shape + fn.event_shape)
-                batch_dims = len(fn.batch_shape)
-                draws = value.movedim((batch_dims + particle_dim, batch_dims + _data_axis(site, data_plate)), (0, 1))
-                draws = draws.reshape(num_samples, draws.shape[1], -1)
+                first = _draws(first_guide_trace.nodes[name], particle_dim, data_plate)
+                draws = torch.cat([first, _draws(site, particle_dim, data_plate)])
                 moments[name].append((draws.mean(0), draws.var(0) / num_samples))
     missing = set(sites or ()) - set(moments)
     if missing:
@@ -197,6 +199,17 @@ def posterior_means(
 ) -> Dict[str, Tensor]:
     """The means of :func:`posterior_moments` alone: ``{site: [N, D]}``."""
     return {name: mean for name, (mean, _) in posterior_moments(model, guide, batches, sites, **kwargs).items()}
+
+
+def _draws(site: dict, particle_dim: int, data_plate: str) -> Tensor:
+    """The conditional means of a guide site as ``[draws, N, D]``; one draw outside the particle plate."""
+    fn = site["fn"]
+    value = _conditional_mean(fn, site["value"]).expand(fn.batch_shape + fn.event_shape)
+    event_dims = len(fn.event_shape)
+    value = value.reshape((1,) * (event_dims - particle_dim - value.dim()) + value.shape)
+    batch_dims = value.dim() - event_dims
+    draws = value.movedim((batch_dims + particle_dim, batch_dims + _data_axis(site, data_plate)), (0, 1))
+    return draws.reshape(draws.shape[0], draws.shape[1], -1)
 
 
 def _conditional_mean(fn: Distribution, value: Tensor) -> Tensor:
@@ -238,9 +251,10 @@ def kl_per_site(
     otherwise the single-sample Monte Carlo estimate
     :math:`\\log q(z) - \\log p(z)` at the trace's value. Both condition on the
     upstream values in the traces, so for hierarchies the terms are
-    conditional KLs. Event dims and every batch dim except the data dim
-    (nested plates, particle plates) are summed; the model site's mask is
-    applied.
+    conditional KLs. Event dims and the batch dims of nested plates are summed,
+    particle plates (:data:`~pyro_hvae.infer.iw.PARTICLE_PLATES`: the one of
+    :func:`~pyro_hvae.infer.iw.log_likelihood` and Pyro's vectorized
+    ``num_particles_vectorized``) are averaged; the model site's mask is applied.
 
     The result is not detached: it carries gradients to guide and model
     parameters so that training losses (e.g. free bits) can use it.
@@ -252,6 +266,7 @@ def kl_per_site(
     """
     result = {}
     for name, site, model_site in _latent_sites(model_trace, guide_trace):
+        _data_axis(site, data_plate)  # refuses global sites
         kl = scale_and_mask(site_kl(site, model_site), mask=model_site["mask"])
-        result[name] = _sum_except(kl, (_data_axis(site, data_plate),))
+        result[name] = _per_data_point(kl, site, data_plate)
     return result

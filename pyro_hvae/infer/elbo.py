@@ -2,20 +2,32 @@
 
 Pyro's ``Trace_ELBO`` and ``TraceMeanField_ELBO`` work with every model here. This
 module adds what training a deep hierarchy needs on top of them: the KL of each
-layer kept apart (for free bits, warm-up and logging), computed in a single pass.
+layer kept apart (for free bits, warm-up and logging), computed in a single pass,
+for any model/guide pair that ``Trace_ELBO`` accepts: discrete latents, guide-only
+sites, global latents and subsampled data plates included.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 
 import torch
-from pyro.distributions.util import scale_and_mask
+from pyro.distributions.score_parts import ScoreParts
+from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import ELBO
-from pyro.infer.util import is_validation_enabled
-from torch.distributions import kl_divergence
+from pyro.infer.util import MultiFrameTensor, is_validation_enabled
+from torch.distributions import Distribution, kl_divergence
 
-from pyro_hvae.infer.iw import get_traces
+from pyro_hvae.infer.iw import _find_frame, _per_data_point, get_traces
+
+
+def _analytic_kl(q: Distribution, p: Distribution) -> torch.Tensor | None:
+    """``kl_divergence(q, p)``, or None where torch has no formula for the pair."""
+    try:
+        return kl_divergence(q, p)
+    except NotImplementedError:
+        return None
 
 
 def site_kl(guide_site: dict, model_site: dict, analytic: bool = True) -> torch.Tensor:
@@ -26,21 +38,79 @@ def site_kl(guide_site: dict, model_site: dict, analytic: bool = True) -> torch.
     site's value. Neither scaled nor masked; keeps gradients.
     """
     q, p = guide_site["fn"], model_site["fn"]
-    kl = None
-    if analytic:
-        try:
-            kl = kl_divergence(q, p)
-        except NotImplementedError:
-            pass
+    kl = _analytic_kl(q, p) if analytic else None
     if kl is None:
         z = guide_site["value"]
         kl = q.log_prob(z) - p.log_prob(z)
     return kl
 
 
+def _log_q(guide_site: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(log q(z), score)`` at a guide site. For a site with ``rsample``, ``log q`` keeps its
+    gradient and ``score`` is None. Otherwise (Pyro's score parts) ``log q`` keeps only the
+    gradient of its pathwise part, and ``score``, the score function, carries the rest."""
+    fn, z = guide_site["fn"], guide_site["value"]
+    if fn.has_rsample:
+        return fn.log_prob(z), None
+    parts: ScoreParts = fn.score_parts(z)
+    entropy = parts.entropy_term
+    log_q = parts.log_prob.detach()
+    if not is_identically_zero(entropy):
+        log_q = log_q + entropy - entropy.detach()
+    return log_q, parts.score_function
+
+
+@dataclass
+class _Term:
+    """One site's term in one trace pair: ``value`` over the site's batch dims, masked
+    but not scaled, with the gradients the estimator needs."""
+
+    site: dict
+    value: torch.Tensor
+
+    def scaled(self) -> torch.Tensor:
+        return scale_and_mask(self.value, self.site["scale"])
+
+    def total(self, data_plate: str) -> torch.Tensor:
+        """Scaled, averaged over particle plates, summed over the rest."""
+        return _per_data_point(self.scaled(), self.site, data_plate).sum()
+
+    def local(self, data_plate: str) -> bool:
+        return _find_frame(self.site, data_plate) is not None
+
+    def active(self, data_plate: str) -> torch.Tensor:
+        """The number of data points not masked out entirely."""
+        mask = self.site["mask"]
+        if mask is None:
+            size = _find_frame(self.site, data_plate).size
+            return torch.tensor(size, dtype=self.value.dtype, device=self.value.device)
+        mask = torch.as_tensor(mask, device=self.value.device).expand(self.value.shape)
+        return (_per_data_point(mask.to(self.value.dtype), self.site, data_plate) > 0).sum()
+
+    def data_scale(self) -> torch.Tensor | float:
+        """The site's scale, which must be one number for a per-data-point floor."""
+        scale = self.site["scale"]
+        if torch.is_tensor(scale) and scale.numel() != 1:
+            raise ValueError(
+                f"free bits need one scale per site, but site {self.site['name']!r} is scaled "
+                f"elementwise (shape {tuple(scale.shape)}); use free_bits=0 or a scalar poutine.scale"
+            )
+        return scale
+
+
+@dataclass
+class _TracePair:
+    """The terms of one model/guide trace pair, by kind."""
+
+    reconstruction: dict[str, _Term] = field(default_factory=dict)  # log p(x | z), observed sites
+    kl: dict[str, _Term] = field(default_factory=dict)  # KL(q || p), latent sites in model order
+    guide_only: dict[str, _Term] = field(default_factory=dict)  # log q(w), guide sites the model lacks
+    scores: dict[str, _Term] = field(default_factory=dict)  # score functions, sites without rsample
+
+
 def _check_site_order(model_trace, guide_trace) -> None:
     model_order = [n for n, s in model_trace.nodes.items() if s["type"] == "sample" and n in guide_trace.nodes]
-    guide_order = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample"]
+    guide_order = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample" and n in model_trace.nodes]
     if model_order != guide_order:
         warnings.warn(
             "analytic KL assumes the guide samples latents in the model's order "
@@ -55,24 +125,43 @@ class HierarchicalELBO(ELBO):
 
     .. math::
 
-        \\mathcal{L}(x) = \\mathbb{E}_{q(z|x)}[\\log p(x \\mid z)]
-            - \\beta \\sum_l \\max\\big(\\lambda,\\ \\overline{\\mathrm{KL}}_l\\big)
+        \\mathcal{L}(x_{1:N}) = \\sum_n \\mathbb{E}_{q(z|x_n)}[\\log p(x_n \\mid z)]
+            - \\beta \\sum_l N \\max\\big(\\lambda,\\ \\overline{\\mathrm{KL}}_l\\big)
+            - \\beta \\sum_g \\mathrm{KL}_g
 
     where ``KL_l = KL(q(z_l | z_{l+1}, x) || p(z_l | z_{l+1}))`` is analytic when torch
     knows it (residual and independent normals) and Monte Carlo otherwise (IAF),
-    ``bar KL_l`` is its mean over the batch, ``beta`` the KL warm-up weight and ``lambda``
-    the free bits per layer in nats (from "Improved Variational Inference with Inverse
-    Autoregressive Flow"). With ``beta = 1, lambda = 0`` and ``analytic_kl=True`` it is
-    ``TraceMeanField_ELBO``; with ``analytic_kl=False``, ``Trace_ELBO``.
+    ``KL_g`` that of a global latent (outside the data plate; the built-in hierarchies
+    have none), ``bar KL_l`` is the mean of ``KL_l`` per data point (unscaled, summed over event dims and plates
+    other than the data plate, averaged over the ``N`` data points of the batch and over
+    particles), ``beta`` the KL warm-up weight and ``lambda`` the free bits per layer in
+    nats per data point (from "Improved Variational Inference with Inverse
+    Autoregressive Flow"). ``N`` is the number of data points the batch stands for: a
+    subsampled plate ``pyro.plate("data", size, subsample_size=B)`` scales by ``size / B``,
+    and masked-out data points do not count. With ``beta = 1, lambda = 0`` and
+    ``analytic_kl=True`` it is ``TraceMeanField_ELBO``; with ``analytic_kl=False``,
+    ``Trace_ELBO``.
+
+    Any Pyro model/guide pair is handled as ``Trace_ELBO`` handles it. A guide site
+    without ``rsample`` (a Bernoulli or Categorical latent) adds the score-function term
+    ``log q(z) * stop_grad(cost)``, where the cost is the ELBO term by term, kept to the
+    plates of the site, each KL weighted by ``beta`` and by the slope of its floor (0
+    below it). A guide site the model lacks adds ``-log q`` (also to the cost, which
+    ``Trace_ELBO`` leaves out). A global latent (outside the data plate) is not floored:
+    its KL, a single number for the whole data set, costs ``beta * KL``.
 
     ``beta`` and ``free_bits`` are plain attributes: a training loop changes them
     between steps. After each evaluation, ``terms`` holds detached per-data-point
-    means: ``"reconstruction"`` (``E_q log p(x|z)``), ``"kl"`` (a dict over sites,
-    in the order the model samples them, top first) and ``"elbo"`` (without warm-up or free bits).
+    values, totals divided by ``N``: ``"reconstruction"`` (``E_q log p(x|z)``),
+    ``"kl"`` (a dict over sites, in the order the model samples them, top first; a
+    global latent's entry is its share ``KL / N``) and ``"elbo"`` (reconstruction less
+    the KLs and any guide-only ``log q``, without warm-up or free bits).
 
     Use it like any Pyro ELBO: ``SVI(model, guide, optim, HierarchicalELBO())`` or
     ``HierarchicalELBO()(model, guide)`` as a differentiable ``nn.Module`` loss.
     Guides may be plain callables or ``GuideMessenger`` s.
+
+    :param str data_plate: name of the plate over data points.
     """
 
     def __init__(
@@ -82,6 +171,7 @@ class HierarchicalELBO(ELBO):
         beta: float = 1.0,
         free_bits: float = 0.0,
         analytic_kl: bool = True,
+        data_plate: str = "data",
         vectorize_particles: bool = True,
         max_plate_nesting: float = float("inf"),
     ):
@@ -97,6 +187,7 @@ class HierarchicalELBO(ELBO):
         self.beta = beta
         self.free_bits = free_bits
         self.analytic_kl = analytic_kl
+        self.data_plate = data_plate
         self.terms: dict = {}
 
     def _get_trace(self, model, guide, args, kwargs):
@@ -111,47 +202,104 @@ class HierarchicalELBO(ELBO):
         else:
             yield from super()._get_traces(model, guide, args, kwargs)
 
-    def _particle(self, model_trace, guide_trace):
-        """Sum of observed log-likelihoods and per-site KL tensors of one trace pair."""
-        reconstruction = 0.0
-        kls = {}
+    def _kl(self, guide_site: dict, model_site: dict) -> torch.Tensor:
+        """:func:`site_kl`, with a Monte Carlo ``log q`` that leaves the gradient of a site
+        without ``rsample`` to its score function."""
+        kl = _analytic_kl(guide_site["fn"], model_site["fn"]) if self.analytic_kl else None
+        if kl is None:
+            kl = _log_q(guide_site)[0] - model_site["fn"].log_prob(guide_site["value"])
+        return kl
+
+    def _pair(self, model_trace, guide_trace) -> _TracePair:
+        pair = _TracePair()
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample":
                 continue
             if site["is_observed"]:
-                log_p = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
-                reconstruction = reconstruction + log_p.sum()
+                log_p = site["fn"].log_prob(site["value"])
+                pair.reconstruction[name] = _Term(site, scale_and_mask(log_p, mask=site["mask"]))
+            elif name not in guide_trace.nodes:
+                raise ValueError(f"latent site {name!r} of the model is not sampled by the guide")
             else:
                 guide_site = guide_trace.nodes[name]
-                kl = site_kl(guide_site, site, self.analytic_kl)
-                kls[name] = scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
-        return reconstruction, kls
+                kl = self._kl(guide_site, site)
+                pair.kl[name] = _Term(guide_site, scale_and_mask(kl, mask=guide_site["mask"]))
+        for name, site in guide_trace.nodes.items():
+            guide_only = name not in model_trace.nodes
+            if site["type"] != "sample" or (site["fn"].has_rsample and not guide_only):
+                continue  # a reparameterized latent of the model: its KL term holds it all
+            log_q, score = _log_q(site)
+            if guide_only:
+                pair.guide_only[name] = _Term(site, scale_and_mask(log_q, mask=site["mask"]))
+            if score is not None and not is_identically_zero(score):
+                pair.scores[name] = _Term(site, scale_and_mask(score, mask=site["mask"]))
+        return pair
+
+    def _num_data(self, pair: _TracePair) -> torch.Tensor:
+        """How many data points the batch stands for: scale times unmasked data points
+        of the first observed site in the data plate (or else the first latent)."""
+        for term in (*pair.reconstruction.values(), *pair.kl.values()):
+            if term.local(self.data_plate):
+                return term.data_scale() * term.active(self.data_plate)
+        raise ValueError(
+            f"no sample site lies in a plate named {self.data_plate!r}; wrap the per-data-point "
+            f"sites in pyro.plate({self.data_plate!r}, N) or pass HierarchicalELBO(data_plate=...) "
+            "the name of the plate over data points"
+        )
+
+    def _score_term(self, pair: _TracePair, slopes: dict) -> torch.Tensor | float:
+        """``sum_sites log q(z) * stop_grad(cost)`` over the score functions of ``pair``,
+        where ``cost`` is the ELBO integrand with each KL weighted by ``beta`` times the
+        slope of its floor, summed to the plates of the site (Rao-Blackwellization over
+        plates, as in ``Trace_ELBO``)."""
+        if not pair.scores:
+            return 0.0
+        cost = MultiFrameTensor()
+        for term in pair.reconstruction.values():
+            cost.add((term.site["cond_indep_stack"], term.scaled().detach()))
+        for name, term in pair.kl.items():
+            cost.add((term.site["cond_indep_stack"], -self.beta * slopes[name] * term.scaled().detach()))
+        for term in pair.guide_only.values():
+            cost.add((term.site["cond_indep_stack"], -term.scaled().detach()))
+        total = 0.0
+        for term in pair.scores.values():
+            downstream = cost.sum_to(term.site["cond_indep_stack"])
+            total = total + _per_data_point(term.scaled() * downstream, term.site, self.data_plate).sum()
+        return total
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """``-L(x)`` summed over the batch, averaged over particles."""
-        traces = list(self._get_traces(model, guide, args, kwargs))
-        vectorized = self.vectorize_particles and self.num_particles > 1
-        per_trace = self.num_particles if vectorized else 1
-        loss = 0.0
-        reconstruction_total = 0.0
-        kl_means: dict[str, torch.Tensor] = {}
-        num_data = 1
-        for model_trace, guide_trace in traces:
-            reconstruction, kls = self._particle(model_trace, guide_trace)
-            penalty = 0.0
-            for name, kl in kls.items():
-                num_data = kl.numel() // per_trace
-                mean = kl.sum() / kl.numel()
-                floored = mean.clamp(min=self.free_bits) if self.free_bits > 0 else mean
-                penalty = penalty + self.beta * floored * num_data
-                kl_means[name] = kl_means.get(name, 0.0) + mean.detach() / len(traces)
-            loss = loss + (penalty - reconstruction / per_trace) / len(traces)
-            reconstruction_total = reconstruction_total + reconstruction.detach() / per_trace / len(traces)
-        reconstruction_mean = reconstruction_total / num_data
+        pairs = [self._pair(*traces) for traces in self._get_traces(model, guide, args, kwargs)]
+
+        def mean(term_of):  # over sequential particles; vectorized ones average in _per_data_point
+            return sum(term_of(pair) for pair in pairs) / len(pairs)
+
+        data = self.data_plate
+        num_data = self._num_data(pairs[0])
+        reconstruction = mean(lambda pair: sum(t.total(data) for t in pair.reconstruction.values()))
+        guide_only = mean(lambda pair: sum(t.total(data) for t in pair.guide_only.values()))
+        kls, slopes, penalty = {}, {}, 0.0
+        for name, term in pairs[0].kl.items():
+            kls[name] = mean(lambda pair: pair.kl[name].total(data))
+            slopes[name] = 1.0
+            if self.free_bits > 0 and term.local(data):
+                # the floor is in nats per data point: unscaled, particle-averaged KL of each point
+                per_datum = mean(lambda pair: _per_data_point(pair.kl[name].value, pair.kl[name].site, data))
+                active = term.active(data)
+                kl_mean = per_datum.sum() / active.clamp(min=1)
+                penalty = penalty + self.beta * term.data_scale() * active * kl_mean.clamp(min=self.free_bits)
+                slopes[name] = (kl_mean > self.free_bits).to(kl_mean.dtype).detach()
+            else:
+                penalty = penalty + self.beta * kls[name]
+        loss = penalty - reconstruction + guide_only
+        score = mean(lambda pair: self._score_term(pair, slopes))
+        if torch.is_tensor(score):
+            loss = loss - (score - score.detach())
+        elbo = reconstruction - sum(kls.values()) - guide_only
         self.terms = {
-            "reconstruction": reconstruction_mean,
-            "kl": kl_means,
-            "elbo": reconstruction_mean - sum(kl_means.values()),
+            "reconstruction": _detach(reconstruction) / num_data,
+            "kl": {name: kl.detach() / num_data for name, kl in kls.items()},
+            "elbo": _detach(elbo) / num_data,
         }
         return loss
 
@@ -163,3 +311,7 @@ class HierarchicalELBO(ELBO):
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward(retain_graph=self.retain_graph)
         return loss.item()
+
+
+def _detach(value):
+    return value.detach() if torch.is_tensor(value) else torch.tensor(value)
