@@ -148,6 +148,7 @@ class Trainer:
             "step": self.step,
             "model": self.vae.state_dict(),
             "ema": self.ema.shadow.state_dict() if self.ema is not None else None,
+            "ema_updates": self.ema.updates if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "skipper": self.skipper.state_dict(),
@@ -162,6 +163,7 @@ class Trainer:
         self.vae.load_state_dict(state["model"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.shadow.load_state_dict(state["ema"])
+            self.ema.updates = state["ema_updates"]  # the decay's warm-up goes on where it stopped
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipper.load_state_dict(state["skipper"])
