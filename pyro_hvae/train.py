@@ -163,7 +163,9 @@ class Trainer:
         self.vae.load_state_dict(state["model"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.shadow.load_state_dict(state["ema"])
-            self.ema.updates = state["ema_updates"]  # the decay's warm-up goes on where it stopped
+            # the decay's warm-up goes on where it stopped; a last.pt written before the count
+            # was kept averaged without warm-up: continue it as if warmed up over its steps
+            self.ema.updates = state.get("ema_updates", state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipper.load_state_dict(state["skipper"])

@@ -73,3 +73,6 @@ def test_trainer_checkpoint_keeps_the_update_count(data_root, tmp_path):
     resumed = Trainer(cfg, prepare_run_dir(tmp_path / "b"), device=torch.device("cpu"), splits=splits)
     resumed.load_state_dict(state)
     assert resumed.ema.updates == trainer.ema.updates
+    del state["ema_updates"]  # a last.pt from before the count: resumes, counting its steps
+    resumed.load_state_dict(state)
+    assert resumed.ema.updates == 5
