@@ -10,12 +10,24 @@ Per image of the chosen split it computes
 * the importance-weighted estimate of ``log p(x)`` with ``K`` samples
   (:func:`~pyro_hvae.infer.iw.log_likelihood`), with the Pareto ``k-hat`` and the
   Kish effective sample size of its ``K`` weights;
-* the KL of each latent layer, and the posterior means behind the active-unit counts.
+* the KL of each latent layer and of each of its units, and the posterior means
+  behind the marginal active-unit counts.
+
+A unit is *active* when it carries information of its own: its conditional KL
+``KL(q(z_l,d | z_>l, x) || p(z_l,d | z_>l))``, averaged over the images, exceeds
+0.01 nats (:func:`~pyro_hvae.infer.diagnostics.active_units`; not defined for flowed
+layers, whose count is null). ``active_units_marginal`` counts units whose marginal
+posterior mean varies over the images by more than 0.01
+(:func:`~pyro_hvae.infer.diagnostics.active_units_marginal`): in a hierarchy that
+includes units that only follow the layers above. ``collapsed_layers`` lists the
+layers with no active unit (flowed layers: a KL below 0.01 nats), each with its KL,
+both counts and why (:func:`~pyro_hvae.infer.diagnostics.collapsed_layers`).
 
 and writes, into one folder (default ``RUN_DIR/eval-<split>-K<K>/``)::
 
     results.json       summary: NLL in nats and bits/dim, ELBO, k-hat, ESS, KL and
-                       active units per layer, checkpoint, data and versions
+                       active units (own and marginal) per layer, collapsed layers,
+                       checkpoint, data and versions
     per_example.npz    the per-image values (elbo, log_likelihood, khat,
                        ess_fraction, kl_<site>, index = row in the data file)
     diagnostics.png    k-hat per image against its threshold; mean KL per layer
@@ -43,9 +55,13 @@ from tqdm import tqdm
 from pyro_hvae.config import Config, CustomModelConfig, config_from_yaml
 from pyro_hvae.data import load_splits
 from pyro_hvae.infer.diagnostics import (
+    ACTIVE_UNIT_THRESHOLD,
     active_units,
+    active_units_marginal,
+    collapsed_layers,
     effective_sample_size,
     kl_per_site,
+    kl_per_unit,
     khat_threshold,
     pareto_khat,
     posterior_moments,
@@ -112,13 +128,22 @@ def evaluate_checkpoint(
     dataset = getattr(splits, split)
     pyro.set_rng_seed(seed)
     with torch.no_grad(), pyro.validation_enabled(False), pyro.settings.context(module_local_params=True):
-        per_image, means = _per_image(vae, hierarchy, dataset, K, chunk_size, batch_size, uses_analytic_kl(cfg, hierarchy), device)
+        per_image, means, unit_kl = _per_image(vae, hierarchy, dataset, K, chunk_size, batch_size, uses_analytic_kl(cfg, hierarchy), device)
 
     sites = [name for name in per_image if name.startswith("kl_")]
     num_dims = math.prod(splits.data_shape)
     elbo, ll = float(per_image["elbo"].mean()), float(per_image["log_likelihood"].mean())
     khat, ess = per_image["khat"], per_image["ess_fraction"]
     threshold = khat_threshold(K) if K > 1 else None
+    kl_per_layer = {name[3:]: float(per_image[name].mean()) for name in sites}
+    active = {
+        name: [active_units(unit_kl[name])[0] if name in unit_kl else None, means[name].shape[-1]]
+        for name in hierarchy.latent_sites
+    }
+    marginal = {
+        name: [active_units_marginal(means[name][0], mc_variance=means[name][1])[0], means[name].shape[-1]]
+        for name in hierarchy.latent_sites
+    }
     results = {
         "checkpoint": str(path),
         "checkpoint_kind": state.get("kind"),
@@ -144,11 +169,11 @@ def evaluate_checkpoint(
             "fraction_above": None if threshold is None else float((khat > threshold).mean()),
         },
         "ess_fraction": {"mean": float(ess.mean()), "min": float(ess.min())},
-        "kl_per_layer": {name[3:]: float(per_image[name].mean()) for name in sites},
-        "active_units": {
-            name: [active_units(means[name][0], mc_variance=means[name][1])[0], means[name].shape[-1]]
-            for name in hierarchy.latent_sites
-        },
+        "kl_per_layer": kl_per_layer,
+        "active_units": active,
+        "active_units_marginal": marginal,
+        "active_unit_threshold": ACTIVE_UNIT_THRESHOLD,
+        "collapsed_layers": collapsed_layers(kl_per_layer, active, marginal),
         "versions": versions(),
         "results": str(results_path),
     }
@@ -210,11 +235,13 @@ def _per_image(
     batch_size: int,
     analytic: bool,
     device: torch.device,
-) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per-image arrays (see the module docstring) and, per latent site, the stacked
-    ``[2, N, D]`` Monte Carlo posterior means and their noise variances."""
+    ``[2, N, D]`` Monte Carlo posterior means and their noise variances, and the
+    ``[N, D]`` KL of each unit (sites with a per-unit KL only)."""
     columns: dict[str, list[torch.Tensor]] = {}
     means: dict[str, list[torch.Tensor]] = {}
+    unit_kl: dict[str, list[torch.Tensor]] = {}
     progress = tqdm(total=len(dataset), unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True)
     with progress:
         for start in range(0, len(dataset), batch_size):
@@ -245,12 +272,18 @@ def _per_image(
             }
             for key, value in row.items():
                 columns.setdefault(key, []).append(value.detach().cpu())
+            for name, kl_units in kl_per_unit(model_trace, guide_trace, analytic=analytic, data_plate=hierarchy.data_plate).items():
+                unit_kl.setdefault(name, []).append(kl_units.cpu())
             for name, (mean, noise) in posterior_moments(vae.model, vae.guide, [x], data_plate=hierarchy.data_plate).items():
                 means.setdefault(name, []).append(torch.stack([mean, noise]).cpu())
             progress.update(x.shape[0])
     per_image = {key: torch.cat(values).double().numpy() for key, values in columns.items()}
     per_image["index"] = dataset.indices.numpy()
-    return per_image, {name: torch.cat(values, dim=1) for name, values in means.items()}
+    return (
+        per_image,
+        {name: torch.cat(values, dim=1) for name, values in means.items()},
+        {name: torch.cat(values) for name, values in unit_kl.items()},
+    )
 
 
 def _khat(log_weights: torch.Tensor) -> torch.Tensor:

@@ -131,6 +131,7 @@ class Trainer:
             "step": self.step,
             "model": self.vae.state_dict(),
             "ema": self.ema.shadow.state_dict() if self.ema is not None else None,
+            "ema_updates": self.ema.updates if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "skipper": self.skipper.state_dict(),
@@ -149,6 +150,9 @@ class Trainer:
             raise RunError(f"the checkpoint's weights do not fit the model its config builds ({reason}); resume with the code it was trained with") from None
         if self.ema is not None and state["ema"] is not None:
             self.ema.shadow.load_state_dict(state["ema"])
+            # the decay's warm-up goes on where it stopped; a last.pt written before the count
+            # was kept averaged without warm-up: continue it as if warmed up over its steps
+            self.ema.updates = state.get("ema_updates", state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipper.load_state_dict(state["skipper"])

@@ -11,7 +11,7 @@ import pyro.distributions as dist
 from pyro.poutine.guide import GuideMessenger
 
 from pyro_hvae.infer.diagnostics import (
-    active_units,
+    active_units_marginal,
     effective_sample_size,
     khat_threshold,
     kl_per_site,
@@ -112,12 +112,12 @@ def test_effective_sample_size():
     assert torch.allclose(effective_sample_size(equal + 1e4), ess)
 
 
-def test_active_units():
+def test_active_units_marginal():
     g = torch.Generator().manual_seed(0)
     means = torch.zeros(200, 5)
     means[:, [0, 2, 4]] = torch.randn(200, 3, generator=g)
     means[:, 1] = 3.0
-    count, variance = active_units(means)
+    count, variance = active_units_marginal(means)
     assert count == 3
     assert variance.shape == (5,)
     assert torch.equal(variance > 0.01, torch.tensor([True, False, True, False, True]))
@@ -253,7 +253,7 @@ def test_active_units_see_through_upstream_noise_in_a_hierarchy():
     moments = posterior_moments(model, guide, [x], num_samples=200)
     mean, noise = moments["z1"]
     assert mean.shape == noise.shape == (500, 2)
-    assert active_units(mean, mc_variance=noise)[0] == 1  # only the unit that copies x
+    assert active_units_marginal(mean, mc_variance=noise)[0] == 1  # only the unit that copies x
     single_draw = mean + torch.randn_like(mean) * (noise * 200).sqrt()
-    assert active_units(single_draw)[0] == 2  # one draw of the upstream latent would count both
-    assert active_units(moments["z2"][0], mc_variance=moments["z2"][1])[0] == 0
+    assert active_units_marginal(single_draw)[0] == 2  # one draw of the upstream latent would count both
+    assert active_units_marginal(moments["z2"][0], mc_variance=moments["z2"][1])[0] == 0

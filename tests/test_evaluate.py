@@ -19,7 +19,8 @@ K = 50
 SUMMARY_KEYS = {
     "checkpoint", "checkpoint_kind", "step", "ema", "split", "num_images", "num_samples", "chunk_size",
     "batch_size", "seed", "device", "data", "elbo", "log_likelihood", "nll_nats", "nll_bits_per_dim",
-    "elbo_bits_per_dim", "khat", "ess_fraction", "kl_per_layer", "active_units", "versions", "results",
+    "elbo_bits_per_dim", "khat", "ess_fraction", "kl_per_layer", "active_units", "active_units_marginal",
+    "active_unit_threshold", "collapsed_layers", "versions", "results",
 }
 PER_EXAMPLE_KEYS = {"elbo", "log_likelihood", "khat", "ess_fraction", "kl_z_1", "kl_z_2", "index"}
 

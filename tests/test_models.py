@@ -64,6 +64,9 @@ def test_gradients_reach_every_parameter_of_model_and_guide(posterior, flows):
     if posterior == "residual":  # zero-initialized heads: move off zero so every path carries gradient
         for head in vae.guide.heads:
             torch.nn.init.normal_(head.net[-1].weight, std=0.1)
+    for iaf in vae.guide.flows or ():  # so are the flows' output layers (identity at init)
+        for flow in iaf.flows:
+            torch.nn.init.normal_(flow.nn.layers[-1].weight, std=0.1)
     loss = Trace_ELBO()(vae.model, vae.guide)(binary_batch())
     loss.backward()
     missing = [name for name, p in vae.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]

@@ -1,6 +1,7 @@
 """
 Diagnostics for amortized posteriors: Pareto-smoothed importance sampling,
-effective sample sizes, active units and per-site KL divergences.
+effective sample sizes, active units (by each unit's own KL, and by the spread
+of its marginal mean), collapsed layers and per-site KL divergences.
 
 Log weights follow :func:`~pyro_hvae.infer.iw.log_likelihood`: shape
 ``[K, N]``, samples first, :math:`\\log w_{nk} = \\log p(x_n, z_{nk}) - \\log q(z_{nk} \\mid x_n)`.
@@ -9,13 +10,13 @@ Log weights follow :func:`~pyro_hvae.infer.iw.log_likelihood`: shape
 import math
 import warnings
 from collections import defaultdict
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyro
 import torch
 from torch import Tensor
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Independent, kl_divergence
 
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
@@ -111,16 +112,47 @@ def effective_sample_size(log_weights: ArrayLike) -> Tensor:
     return torch.exp(2 * log_weights.logsumexp(0) - (2 * log_weights).logsumexp(0))
 
 
-def active_units(
-    posterior_means: Tensor, threshold: float = 0.01, mc_variance: Optional[Tensor] = None
+#: Activity thresholds: 0.01 nats of a unit's own KL, or 0.01 of variance of its marginal mean.
+ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+def active_units(unit_kl: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> Tuple[int, Tensor]:
+    """
+    Counts the units of a layer that carry information of their own: unit :math:`d`
+    of layer :math:`l` is active when its conditional KL, averaged over the data,
+
+    .. math::
+
+        A_d = \\mathbb{E}_x\\, \\mathbb{E}_{q(z_{>l} \\mid x)}\\,
+        \\mathrm{KL}\\big(q(z_{l,d} \\mid z_{>l}, x) \\,\\|\\, p(z_{l,d} \\mid z_{>l})\\big)
+        > \\text{threshold},
+
+    in nats (:func:`kl_per_unit`). Unlike :func:`active_units_marginal`, a unit whose
+    posterior equals its prior counts as inactive even when its marginal mean moves
+    with the layers above it.
+
+    :param Tensor unit_kl: ``[N, D]`` per-unit KL of ``N`` data points.
+    :param float threshold: activity threshold in nats.
+    :returns: ``(count, activity [D])``, the activity being the mean KL of each unit.
+    """
+    activity = unit_kl.mean(0)
+    return int((activity > threshold).sum()), activity
+
+
+def active_units_marginal(
+    posterior_means: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD, mc_variance: Optional[Tensor] = None
 ) -> Tuple[int, Tensor]:
     """
-    Counts active latent units ("Importance Weighted Autoencoders"): unit
-    :math:`d` is active when
+    Counts active latent units by the spread of their marginal posterior means
+    ("Importance Weighted Autoencoders"): unit :math:`d` is active when
 
     .. math::
 
         A_d = \\operatorname{Cov}_x\\big(\\mathbb{E}_{q(z \\mid x)}[z_d]\\big) > \\text{threshold}.
+
+    In a hierarchy the marginal mean of a layer moves with the layers above it, so a
+    layer whose posterior equals its prior can count as fully active here; its own
+    information is what :func:`active_units` counts.
 
     When the means are Monte Carlo estimates (:func:`posterior_moments`), their
     noise inflates the variance over ``x`` by the mean of ``mc_variance``; it is
@@ -136,6 +168,95 @@ def active_units(
     if mc_variance is not None:
         activity = activity - mc_variance.mean(0)
     return int((activity > threshold).sum()), activity
+
+
+def kl_per_unit(
+    model_trace: Trace, guide_trace: Trace, *, data_plate: str = "data", analytic: bool = True
+) -> Dict[str, Tensor]:
+    """
+    Per-data-point, per-unit KL of each latent site whose guide and model
+    distributions factorise over its units (diagonal normals),
+
+    .. math::
+
+        \\mathrm{KL}_{n,d} = \\mathrm{KL}\\big(q(z_d \\mid \\cdot) \\,\\|\\, p(z_d \\mid \\cdot)\\big),
+
+    conditional on the upstream values in the traces. Analytic where
+    :func:`torch.distributions.kl_divergence` is registered and ``analytic``,
+    otherwise the single-sample Monte Carlo terms :math:`\\log q(z_d) - \\log p(z_d)`
+    (use these for a guide that samples against the model's order). Summed over
+    units they give the site's KL of :func:`kl_per_site`. Sites without a
+    per-unit factorisation (flows) are left out. Every non-data batch and event
+    dim is a unit, as in :func:`posterior_moments`; the model site's mask applies.
+
+    :returns: dict mapping latent site name to an ``[N, D]`` tensor.
+    """
+    result = {}
+    for name, site, model_site in _latent_sites(model_trace, guide_trace):
+        q, p = _units(site["fn"]), _units(model_site["fn"])
+        if q is None or p is None:
+            continue
+        kl = None
+        if analytic:
+            try:
+                kl = kl_divergence(q, p)
+            except NotImplementedError:
+                pass
+        if kl is None:
+            kl = q.log_prob(site["value"]) - p.log_prob(site["value"])
+        event_dims = len(site["fn"].event_shape)
+        mask = model_site["mask"]
+        if isinstance(mask, Tensor):
+            kl = kl * mask.reshape(mask.shape + (1,) * event_dims)
+        elif mask is False:
+            kl = torch.zeros_like(kl)
+        batch_dims = kl.dim() - event_dims
+        kl = kl.movedim(batch_dims + _data_axis(site, data_plate), 0)
+        result[name] = kl.reshape(kl.shape[0], -1)
+    return result
+
+
+def _units(fn: Distribution) -> Optional[Distribution]:
+    """The univariate distribution of each unit of ``fn``, or None if it has none."""
+    while isinstance(fn, Independent):
+        fn = fn.base_dist
+    return fn if not fn.event_shape else None
+
+
+def collapsed_layers(
+    kl_per_layer: Dict[str, float],
+    active: Dict[str, Sequence[Optional[int]]],
+    marginal: Dict[str, Sequence[int]],
+    threshold: float = ACTIVE_UNIT_THRESHOLD,
+) -> List[dict]:
+    """
+    The layers that carry no information of their own: no unit above ``threshold``
+    nats of own KL (:func:`active_units`), or, for layers without per-unit KL
+    (flows), a whole-layer KL below ``threshold``. Each record names the layer, its
+    KL in nats per data point, both unit counts and why it is flagged.
+
+    :param kl_per_layer: mean KL of each layer.
+    :param active: ``(count or None, units)`` of :func:`active_units` per layer.
+    :param marginal: ``(count, units)`` of :func:`active_units_marginal` per layer.
+    """
+    report = []
+    for name, kl in kl_per_layer.items():
+        count, units = active[name]
+        if count is None:
+            if kl >= threshold:
+                continue
+            why = f"its KL of {kl:.3g} nats per data point is below {threshold:g} nats"
+        elif count == 0:
+            why = f"none of its {units} units carries {threshold:g} nats of KL of its own (layer KL {kl:.3g} nats)"
+        else:
+            continue
+        if marginal[name][0] > 0:
+            why += f"; the marginal means of {marginal[name][0]} of them vary only with the layers above"
+        report.append(
+            {"layer": name, "kl": kl, "active_units": count, "active_units_marginal": marginal[name][0],
+             "units": units, "reason": why}
+        )
+    return report
 
 
 def posterior_moments(

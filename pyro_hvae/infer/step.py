@@ -74,21 +74,39 @@ class UpdateSkipper:
 
 
 class EMA:
-    """Exponential moving average of a module's floating-point state:
-    ``shadow <- decay * shadow + (1 - decay) * current`` after every accepted update."""
+    """Exponential moving average of a module's floating-point state, with a warm-up
+    of its decay. After the ``t``-th accepted update (``t = 0, 1, ...``)::
+
+        shadow <- decay_t * shadow + (1 - decay_t) * current,
+        decay_t = min(decay, (1 + t) / (10 + t))
+
+    Without the warm-up the initial weights would keep ``decay^t`` of the average
+    (61% after 500 updates at 0.999); with it they keep
+    ``prod_t decay_t = 1 / C(t + 9, 9)`` while ``decay_t < decay`` (the first
+    ``9 / (1 - decay) - 10`` updates), and a steadily moving weight is followed at
+    nine tenths of its path (``theta_t = t`` gives ``shadow = 0.9 t``).
+    ``updates`` counts the updates: a checkpoint must keep it to resume the same average.
+    """
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+
+    def current_decay(self) -> float:
+        """``decay_t`` of the next update."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
+        weight = 1 - self.current_decay()
         current = module.state_dict()
         for name, value in self.shadow.state_dict().items():
             if value.dtype.is_floating_point:
-                value.lerp_(current[name], 1 - self.decay)
+                value.lerp_(current[name], weight)
             else:
                 value.copy_(current[name])
+        self.updates += 1
 
 
 @dataclass
