@@ -100,7 +100,7 @@ def test_evaluation_reports_a_layer_that_only_follows_the_one_above(data_root, t
     from pyro_hvae.data import load_splits
     from pyro_hvae.evaluate import evaluate_checkpoint
     from pyro_hvae.run import save_checkpoint
-    from pyro_hvae.train import build_model
+    from pyro_hvae.models.build import build_model
 
     cfg = load_config(None, [
         f"data.root={data_root}", "data.val_size=100", "model.latent_dims=[6,3]", "model.hidden_dims=[32]",
