@@ -20,13 +20,13 @@ class _ExpectedFailures(click.Group):
 
     def invoke(self, ctx):
         from pyro_hvae.config import ConfigError
-        from pyro_hvae.data import DataMissingError
+        from pyro_hvae.data import DataError
         from pyro_hvae.run import RunError
         from pyro_hvae.train import TrainingError
 
         try:
             return super().invoke(ctx)
-        except (ConfigError, DataMissingError, RunError, TrainingError) as err:
+        except (ConfigError, DataError, RunError, TrainingError) as err:
             for line in str(err).splitlines():
                 click.echo(f"error: {line}", err=True)
             ctx.exit(2)
