@@ -70,6 +70,11 @@ def train(args, out, device, resume, force, print_config):
         changed = data_stream_changes(saved, cfg)
         if changed:
             raise RunError(f"--resume: overrides change the training batches ({', '.join(changed)}); a resumed run keeps them: start a new run instead")
+        if cfg.optim.name != saved.optim.name:
+            raise RunError(
+                f"--resume: optim.name cannot change ({saved.optim.name} -> {cfg.optim.name}): the saved moment "
+                "estimates belong to the old optimizer; keep it, or start a new run"
+            )
         run_dir = resume
     else:
         if not args:
@@ -81,6 +86,13 @@ def train(args, out, device, resume, force, print_config):
         return
     target = resolve_device(device or cfg.device)
     splits = load_splits(cfg.data)  # before the run folder: missing data leaves nothing behind
+    if resume is not None:
+        trained_on, now = state.get("data", {}).get("sha256"), splits.describe().get("sha256")
+        if trained_on and now and trained_on != now:
+            raise RunError(
+                f"--resume: the images at data.path differ from those the run was trained on (sha256 {now[:12]}..., "
+                f"the run's {trained_on[:12]}...); point data.path at the original files or start a new run"
+            )
     if resume is None:
         prepare_run_dir(run_dir, force=force)
     overrides = list(args if resume is not None else args[1:])
