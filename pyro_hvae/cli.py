@@ -112,11 +112,12 @@ def train(args, out, device, resume, force, print_config):
 @click.option("--num-samples", "-K", type=int, default=None, help="Importance samples per image (default: the run's eval.num_samples).")
 @click.option("--split", type=click.Choice(["test", "val"]), default=None, help="Data split (default: the run's eval.split).")
 @click.option("--batch-size", type=int, default=None, help="Images per batch (default: the run's eval.batch_size).")
+@click.option("--chunk-size", type=int, default=None, help="Importance samples per forward pass (default: the run's eval.chunk_size, else the most that fit in 1 GiB on CPU or half the free GPU memory).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the importance samples.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="results.json path (default: RUN_DIR/eval-<split>-K<K>/results.json).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite existing results.")
-def evaluate(target, num_samples, split, batch_size, seed, out, device, force):
+def evaluate(target, num_samples, split, batch_size, chunk_size, seed, out, device, force):
     """Importance-weighted log-likelihood of a trained run, with PSIS diagnostics."""
     from pyro_hvae.evaluate import evaluate_checkpoint
     from pyro_hvae.train import resolve_device
@@ -126,12 +127,13 @@ def evaluate(target, num_samples, split, batch_size, seed, out, device, force):
         num_samples=num_samples,
         split=split,
         batch_size=batch_size,
+        chunk_size=chunk_size,
         seed=seed,
         out=out,
         device=resolve_device(device),
         force=force,
     )
-    click.echo(json.dumps({k: results[k] for k in ("nll_nats", "nll_bits_per_dim", "elbo", "num_samples", "split", "results")}))
+    click.echo(json.dumps({k: results[k] for k in ("nll_nats", "nll_bits_per_dim", "elbo", "num_samples", "chunk_size", "split", "results")}))
 
 
 if __name__ == "__main__":  # pragma: no cover

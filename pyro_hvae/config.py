@@ -397,8 +397,10 @@ class EvalConfig(_Section):
     )
     chunk_size: Optional[PositiveInt] = Field(
         None,
-        description="Importance samples drawn per forward pass, bounding memory "
-        "(null = all K at once).",
+        description="Importance samples drawn per forward pass, bounding memory. "
+        "null: the largest number whose tensors fit in 1 GiB on the CPU, or in half "
+        "the free memory of a CUDA device, measured on the first batch (at most K); "
+        "`pyro-hvae evaluate --chunk-size` overrides it.",
     )
     batch_size: PositiveInt = Field(100, description="Images per evaluation batch.")
     split: Literal["test", "val"] = Field(
