@@ -158,7 +158,7 @@ def read_image_folder(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, dict
             arrays.append(np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, channels))
         tensors[split] = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     provenance = {
-        "path": str(train_dir if cfg.test_path is not None else Path(cfg.path).expanduser()),
+        "path": str(Path(cfg.path).expanduser()),
         "test_path": None if cfg.test_path is None else str(test_dir),
         "files": {split: len(files) for split, (_, files) in listed.items()},
         "channels": channels,

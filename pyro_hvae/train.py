@@ -146,6 +146,8 @@ class Trainer:
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load_state_dict` needs to continue as if never stopped. The
+        learning-rate schedule is not stored: it follows from ``cfg`` and ``step``."""
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -156,7 +158,6 @@ class Trainer:
             "model": self.vae.state_dict(),
             "ema": self.ema.shadow.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "skipper": self.skipper.state_dict(),
             "loader": self.loader.state_dict(),
             "rng": rng,
