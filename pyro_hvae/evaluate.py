@@ -13,14 +13,17 @@ Per image of the chosen split it computes
 and writes, into one folder (default ``RUN_DIR/eval-<split>-K<K>/``)::
 
     results.json       summary: NLL in nats and bits/dim, ELBO, k-hat, ESS, KL and
-                       active units per layer, checkpoint, data and versions
+                       active units per layer, chunk size, checkpoint, data and versions
     per_example.npz    the per-image values (elbo, log_likelihood, khat,
                        ess_fraction, kl_<site>, index = row in the data file)
     diagnostics.png    k-hat per image against its threshold; mean KL per layer
 
 Summary values that are not finite are written as null: the k-hat mean and max for
 ``K = 1`` or when some image has too few samples for ArviZ's tail fit (about
-``K < 25``, reported as an infinite k-hat). Each file is written atomically. Results are identical for the same seed, K, chunk
+``K < 25``, reported as an infinite k-hat). Each file is written atomically.
+Unless given, the number of samples drawn per pass is the most that fit a memory
+budget (:func:`fitting_chunk_size`). Progress goes to stderr: a bar on a terminal,
+else a line every 5% of the images. Results are identical for the same seed, K, chunk
 size and batch size; other chunk or batch sizes draw the samples in another order
 and agree only in distribution.
 """
