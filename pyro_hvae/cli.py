@@ -20,13 +20,13 @@ class _ExpectedFailures(click.Group):
 
     def invoke(self, ctx):
         from pyro_hvae.config import ConfigError
-        from pyro_hvae.data import DataMissingError
+        from pyro_hvae.data import DataError
         from pyro_hvae.run import RunError
         from pyro_hvae.train import TrainingError
 
         try:
             return super().invoke(ctx)
-        except (ConfigError, DataMissingError, RunError, TrainingError) as err:
+        except (ConfigError, DataError, RunError, TrainingError) as err:
             for line in str(err).splitlines():
                 click.echo(f"error: {line}", err=True)
             ctx.exit(2)
@@ -70,6 +70,11 @@ def train(args, out, device, resume, force, print_config):
         changed = data_stream_changes(saved, cfg)
         if changed:
             raise RunError(f"--resume: overrides change the training batches ({', '.join(changed)}); a resumed run keeps them: start a new run instead")
+        if cfg.optim.name != saved.optim.name:
+            raise RunError(
+                f"--resume: optim.name cannot change ({saved.optim.name} -> {cfg.optim.name}): the saved moment "
+                "estimates belong to the old optimizer; keep it, or start a new run"
+            )
         run_dir = resume
     else:
         if not args:
@@ -81,6 +86,13 @@ def train(args, out, device, resume, force, print_config):
         return
     target = resolve_device(device or cfg.device)
     splits = load_splits(cfg.data)  # before the run folder: missing data leaves nothing behind
+    if resume is not None:
+        trained_on, now = state.get("data", {}).get("sha256"), splits.describe().get("sha256")
+        if trained_on and now and trained_on != now:
+            raise RunError(
+                f"--resume: the images at data.path differ from those the run was trained on (sha256 {now[:12]}..., "
+                f"the run's {trained_on[:12]}...); point data.path at the original files or start a new run"
+            )
     overrides = list(args if resume is not None else args[1:])
     # builds and checks the hierarchy, writing nothing: an unusable model leaves nothing behind
     trainer = Trainer(cfg, run_dir, device=target, splits=splits, overrides=overrides)
@@ -101,11 +113,12 @@ def train(args, out, device, resume, force, print_config):
 @click.option("--num-samples", "-K", type=int, default=None, help="Importance samples per image (default: the run's eval.num_samples).")
 @click.option("--split", type=click.Choice(["test", "val"]), default=None, help="Data split (default: the run's eval.split).")
 @click.option("--batch-size", type=int, default=None, help="Images per batch (default: the run's eval.batch_size).")
+@click.option("--chunk-size", type=int, default=None, help="Importance samples per forward pass (default: the run's eval.chunk_size, else the most that fit in 1 GiB on CPU or half the free GPU memory).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the importance samples.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="results.json path (default: RUN_DIR/eval-<split>-K<K>/results.json).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite existing results.")
-def evaluate(target, num_samples, split, batch_size, seed, out, device, force):
+def evaluate(target, num_samples, split, batch_size, chunk_size, seed, out, device, force):
     """Importance-weighted log-likelihood of a trained run, with PSIS diagnostics."""
     from pyro_hvae.evaluate import evaluate_checkpoint
     from pyro_hvae.train import resolve_device
@@ -115,12 +128,13 @@ def evaluate(target, num_samples, split, batch_size, seed, out, device, force):
         num_samples=num_samples,
         split=split,
         batch_size=batch_size,
+        chunk_size=chunk_size,
         seed=seed,
         out=out,
         device=resolve_device(device),
         force=force,
     )
-    click.echo(json.dumps({k: results[k] for k in ("nll_nats", "nll_bits_per_dim", "elbo", "num_samples", "split", "results")}))
+    click.echo(json.dumps({k: results[k] for k in ("nll_nats", "nll_bits_per_dim", "elbo", "num_samples", "chunk_size", "split", "results")}))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -101,25 +101,83 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: The data sets torchvision reads (and downloads) under ``data.root``.
+BUILTIN_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+
+#: Options of a user's own images, by the ``data.dataset`` values they apply to.
+_USER_DATA_OPTIONS = {
+    "path": ("image_folder", "npz"),
+    "test_path": ("image_folder",),
+    "image_size": ("image_folder",),
+    "resize": ("image_folder",),
+    "channels": ("image_folder",),
+}
+
+
 class DataConfig(_Section):
     """Which images to train on, where they live, and how pixels are binarized."""
 
-    dataset: Literal["mnist", "fashion_mnist", "cifar10"] = Field(
+    dataset: Literal["mnist", "fashion_mnist", "cifar10", "image_folder", "npz"] = Field(
         "mnist",
-        description="Image data set, read with torchvision: 28x28 grey MNIST or "
-        "Fashion-MNIST, or 32x32 colour CIFAR-10.",
+        description="Image data set. Built in, read with torchvision: 28x28 grey MNIST "
+        "or Fashion-MNIST, or 32x32 colour CIFAR-10. A user's own images: "
+        "'image_folder' (image files under `path`, see there) or 'npz' (a NumPy "
+        "array file with the arrays `train` and `test`, see `path`).",
     )
     root: Optional[Path] = Field(
         None,
-        description="Folder holding the torchvision data folders (MNIST/raw/, "
-        "FashionMNIST/raw/, cifar-10-batches-py/); a relative path is taken from "
-        "the working directory. Unset: $PYRO_HVAE_DATA if set, else the user "
-        "cache folder (~/.cache/pyro-hvae/data on Linux, honouring $XDG_CACHE_HOME).",
+        description="Built-in data sets only: folder holding the torchvision data "
+        "folders (MNIST/raw/, FashionMNIST/raw/, cifar-10-batches-py/); a relative "
+        "path is taken from the working directory. Unset: $PYRO_HVAE_DATA if set, "
+        "else the user cache folder (~/.cache/pyro-hvae/data on Linux, honouring "
+        "$XDG_CACHE_HOME).",
     )
     download: bool = Field(
         True,
-        description="Download the data set into `root` when its files are missing "
-        "(needs network access).",
+        description="Built-in data sets only: download the data set into `root` when "
+        "its files are missing (needs network access). A user's own data is never "
+        "downloaded.",
+    )
+    path: Optional[Path] = Field(
+        None,
+        description="Required for image_folder and npz, an error otherwise. "
+        "image_folder: a folder whose `train/` and `test/` subfolders hold the "
+        "training and test images (or, with `test_path`, a folder of training "
+        "images only); every .png, .jpg, .jpeg, .bmp, .gif, .tif, .tiff, .webp, .ppm, "
+        ".pgm or .pbm file at any depth is an image (class subfolders as torchvision's "
+        "ImageFolder lays them out, or none; labels are ignored), read in sorted "
+        "order. npz: a file written by `numpy.savez(path, train=..., test=...)`, each "
+        "array either uint8 grey levels 0..255 or floats in [0, 1] (stored as "
+        "the nearest k/255), shaped [N, H, W] (grey), [N, C, H, W] or [N, H, W, C] "
+        "with C = 1 or 3; other arrays in the file (labels, say) are ignored. A "
+        "4-d shape that reads both ways is refused. A relative path is taken from "
+        "the working directory.",
+    )
+    test_path: Optional[Path] = Field(
+        None,
+        description="image_folder only: a separate folder of test images; then "
+        "`path` holds the training images only (and may not have train/ and test/ "
+        "subfolders). null: the test images are `path`/test/.",
+    )
+    image_size: Optional[
+        Union[PositiveInt, tuple[PositiveInt, PositiveInt]]
+    ] = Field(
+        None,
+        description="image_folder only: size every image is brought to, as one "
+        "number (square) or [H, W]; needs `resize`. null: images are used at their "
+        "stored size, which must then be the same for all of them.",
+    )
+    resize: Optional[Literal["resize", "center_crop"]] = Field(
+        None,
+        description="image_folder only, with `image_size`: how images reach it. "
+        "'resize': scaled to exactly [H, W] (bilinear, with antialiasing; the aspect "
+        "ratio may change); 'center_crop': scaled, keeping the aspect ratio, until "
+        "they cover [H, W], then the centre [H, W] is cut out.",
+    )
+    channels: Optional[Literal[1, 3]] = Field(
+        None,
+        description="image_folder only: 1 converts every image to grey levels, 3 to "
+        "RGB. null: 1 when every image is stored as greyscale, else 3.",
     )
     binarize: Literal["dynamic", "threshold", "none"] = Field(
         "dynamic",
@@ -127,7 +185,8 @@ class DataConfig(_Section):
         "Bernoulli(intensity) draws every time they are used, validation and test "
         "images are drawn once (see binarize_seed); 'threshold': pixel = 1 where "
         "intensity > threshold; 'none': 8-bit grey levels k/255 (required for "
-        "cifar10 and for the categorical and logistic_mixture likelihoods).",
+        "cifar10 and for the categorical and logistic_mixture likelihoods). The "
+        "same for a user's own images, whose intensity is the stored value k/255.",
     )
     binarize_seed: int = Field(
         0,
@@ -158,6 +217,42 @@ class DataConfig(_Section):
     )
 
     @model_validator(mode="after")
+    def _options_fit_the_dataset(self) -> "DataConfig":
+        dataset = self.dataset
+        for name, datasets in _USER_DATA_OPTIONS.items():
+            if getattr(self, name) is not None and dataset not in datasets:
+                kinds = " and ".join(datasets)
+                raise _conflict(
+                    [name, "dataset"],
+                    f"data.{name} applies to data.dataset {kinds} only, and data.dataset "
+                    f"is '{dataset}': remove data.{name}"
+                    + (" (and point data.root at the torchvision files)" if name == "path" else ""),
+                )
+        if dataset in BUILTIN_DATASETS:
+            return self
+        if self.root is not None:
+            raise _conflict(
+                ["root", "dataset"],
+                f"data.root applies to the built-in data sets only, and data.dataset is "
+                f"'{dataset}': remove data.root and name the data with data.path",
+            )
+        if self.path is None:
+            what = "a folder of images" if dataset == "image_folder" else "a .npz file"
+            raise _conflict(
+                ["path", "dataset"],
+                f"data.dataset '{dataset}' needs data.path: set it to {what}",
+            )
+        if (self.image_size is None) != (self.resize is None):
+            given, needed = ("image_size", "resize") if self.resize is None else ("resize", "image_size")
+            raise _conflict(
+                [needed, given],
+                f"data.{given} needs data.{needed}: set data.resize (resize or "
+                f"center_crop) and data.image_size (e.g. 28 or [32, 48]) together, or "
+                f"neither to use the images at their stored size",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _colour_images_are_not_binarized(self) -> "DataConfig":
         if self.dataset == "cifar10" and self.binarize != "none":
             raise _conflict(
@@ -167,6 +262,12 @@ class DataConfig(_Section):
                 f"none, with model.likelihood: logistic_mixture or categorical",
             )
         return self
+
+    @property
+    def image_hw(self) -> Optional[tuple[int, int]]:
+        """``image_size`` as ``(H, W)``, or None."""
+        size = self.image_size
+        return (size, size) if isinstance(size, int) else size
 
 
 class _ModelSection(_Section):
@@ -388,8 +489,10 @@ class EvalConfig(_Section):
     )
     chunk_size: Optional[PositiveInt] = Field(
         None,
-        description="Importance samples drawn per forward pass, bounding memory "
-        "(null = all K at once).",
+        description="Importance samples drawn per forward pass, bounding memory. "
+        "null: the largest number whose tensors fit in 1 GiB on the CPU, or in half "
+        "the free memory of a CUDA device, measured on the first batch (at most K); "
+        "`pyro-hvae evaluate --chunk-size` overrides it.",
     )
     batch_size: PositiveInt = Field(100, description="Images per evaluation batch.")
     split: Literal["test", "val"] = Field(
@@ -455,6 +558,8 @@ class Config(_Section):
 #: options of every kind); a resumed run may not change them.
 ARCHITECTURE_FIELDS: tuple[str, ...] = (
     "data.dataset",
+    "data.image_size",
+    "data.channels",
     *dict.fromkeys(f"model.{name}" for kind in MODEL_KINDS for name in kind.model_fields),
 )
 
@@ -462,7 +567,8 @@ ARCHITECTURE_FIELDS: tuple[str, ...] = (
 #: Dotted names of the options that fix the stream of training batches (which images,
 #: in which batches, binarized how); a resumed run may not change them either.
 DATA_STREAM_FIELDS: tuple[str, ...] = tuple(
-    f"data.{name}" for name in ("val_size", "split_seed", "batch_size", "binarize", "binarize_seed", "threshold")
+    f"data.{name}"
+    for name in ("val_size", "split_seed", "batch_size", "binarize", "binarize_seed", "threshold", "resize")
 )
 
 

@@ -1,8 +1,10 @@
-"""Image data: torchvision data sets held in memory, binarization, splits, batches.
+"""Image data: data sets held in memory, binarization, splits, batches.
 
 :func:`load_splits` turns a :class:`~pyro_hvae.config.DataConfig` into training,
 validation and test sets of image tensors (no labels): ``[1, 28, 28]`` for MNIST
-and Fashion-MNIST, ``[3, 32, 32]`` for CIFAR-10, float values in [0, 1].
+and Fashion-MNIST, ``[3, 32, 32]`` for CIFAR-10 (all three read with torchvision),
+``[C, H, W]`` for a user's own image folder or npz file
+(:mod:`pyro_hvae.image_files`); float values in [0, 1].
 
 Binarization conventions (``data.binarize``):
 
@@ -13,8 +15,8 @@ Binarization conventions (``data.binarize``):
 * ``threshold``: x = 1 where intensity > ``threshold``, in every split.
 * ``none``: the 8-bit grey levels k/255.
 
-The validation set is a random subset (``split_seed``) of the training file; the
-test file is never used for model selection.
+The validation set is a random subset (``split_seed``) of the training images; the
+test images are never used for model selection.
 
 Images are read once into uint8 tensors. :class:`InMemoryLoader` makes batches
 by indexing those tensors, which is far faster than collating items one by one
@@ -39,8 +41,10 @@ import torchvision
 from torch.utils.data import Dataset
 
 from pyro_hvae.config import ConfigError, DataConfig
+from pyro_hvae.image_files import DataError, DataMissingError, read_image_folder, read_npz
 
 __all__ = [
+    "DataError",
     "DataMissingError",
     "ImageDataset",
     "InMemoryLoader",
@@ -51,10 +55,6 @@ __all__ = [
 
 #: Seconds a network read may stall before a download is given up.
 DOWNLOAD_TIMEOUT_S = 30.0
-
-
-class DataMissingError(ValueError):
-    """The data set's files are not on disk and could not be downloaded."""
 
 
 def _user_cache_dir() -> Path:
@@ -260,13 +260,17 @@ _CONVENTIONS = {
 
 @dataclass(frozen=True)
 class Splits:
-    """Training, validation and test images of one data configuration."""
+    """Training, validation and test images of one data configuration.
+
+    ``source`` says where the images came from: the data root of a built-in data
+    set, or the path, file count or array shapes and content hash of a user's own.
+    """
 
     train: ImageDataset
     val: ImageDataset
     test: ImageDataset
     config: DataConfig
-    root: Path
+    source: dict[str, Any]
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -278,7 +282,7 @@ class Splits:
         cfg = self.config
         return {
             "dataset": cfg.dataset,
-            "root": str(self.root),
+            **self.source,
             "data_shape": list(self.data_shape),
             "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
             "binarize": cfg.binarize,
@@ -288,23 +292,33 @@ class Splits:
         }
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """Read the data set (downloading it if allowed) and build the three splits.
-
-    Raises :class:`DataMissingError` when the files are absent and cannot be
-    downloaded, and :class:`~pyro_hvae.config.ConfigError` when ``val_size``
-    leaves no training images.
-    """
+def _read_images(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], str]:
+    """Training and test images (uint8 NCHW), their provenance, and a name for messages."""
+    if cfg.dataset == "image_folder":
+        return (*read_image_folder(cfg), f"the image folder {cfg.path}")
+    if cfg.dataset == "npz":
+        return (*read_npz(cfg), f"'train' of {cfg.path}")
     root = resolve_root(cfg.root)
     source = _SOURCES[cfg.dataset]
-    train_images, test_images = _read(source, root, cfg.download)
+    return (*_read(source, root, cfg.download), {"root": str(root)}, f"{source.title} in {root}")
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Read the data set (downloading a built-in one if allowed) and build the three splits.
+
+    Raises :class:`DataMissingError` when the files are absent and cannot be
+    downloaded, :class:`DataError` when a user's own images cannot be used as they
+    are, and :class:`~pyro_hvae.config.ConfigError` when ``val_size`` leaves no
+    training images.
+    """
+    train_images, test_images, provenance, title = _read_images(cfg)
 
     n = train_images.shape[0]
     if cfg.val_size >= n:
         raise ConfigError(
             [
                 f"data.val_size: {cfg.val_size} leaves no training images; "
-                f"{source.title} in {root} has {n} (use at most {n - 1})"
+                f"{title} has {n} (use at most {n - 1})"
             ]
         )
     order = torch.randperm(n, generator=_generator(cfg.split_seed, "split"))
@@ -321,7 +335,7 @@ def load_splits(cfg: DataConfig) -> Splits:
         val=_fixed(train_images[val_idx], val_idx, cfg, "val"),
         test=_fixed(test_images, test_idx, cfg, "test"),
         config=cfg,
-        root=root,
+        source=provenance,
     )
 
 

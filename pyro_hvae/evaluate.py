@@ -27,29 +27,36 @@ and writes, into one folder (default ``RUN_DIR/eval-<split>-K<K>/``)::
 
     results.json       summary: NLL in nats and bits/dim, ELBO, k-hat, ESS, KL and
                        active units (own and marginal) per layer, collapsed layers,
-                       checkpoint, data and versions
+                       chunk size, checkpoint, data and versions
     per_example.npz    the per-image values (elbo, log_likelihood, khat,
                        ess_fraction, kl_<site>, index = row in the data file)
     diagnostics.png    k-hat per image against its threshold; mean KL per layer
 
 Summary values that are not finite are written as null: the k-hat mean and max for
 ``K = 1`` or when some image has too few samples for ArviZ's tail fit (about
-``K < 25``, reported as an infinite k-hat). Each file is written atomically. Results are identical for the same seed, K, chunk
+``K < 25``, reported as an infinite k-hat). Each file is written atomically.
+Unless given, the number of samples drawn per pass is the most that fit a memory
+budget (:func:`fitting_chunk_size`). Progress goes to stderr: a bar on a terminal,
+else a line every 5% of the images. Results are identical for the same seed, K, chunk
 size and batch size; other chunk or batch sizes draw the samples in another order
 and agree only in distribution.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyro
 import torch
+from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from pyro_hvae.config import Config, CustomModelConfig, config_from_yaml
@@ -74,7 +81,7 @@ from pyro_hvae.models.protocol import Hierarchy
 from pyro_hvae.run import RunError, atomic_write, load_checkpoint, versions
 from pyro_hvae.train import uses_analytic_kl
 
-__all__ = ["evaluate_checkpoint"]
+__all__ = ["default_memory_budget", "evaluate_checkpoint", "fitting_chunk_size", "particle_bytes"]
 
 #: The files of one evaluation, beside (and including) ``results.json``.
 COMPANIONS = ("per_example.npz", "diagnostics.png")
@@ -91,6 +98,7 @@ def evaluate_checkpoint(
     out: str | Path | None = None,
     device: torch.device = torch.device("cpu"),
     force: bool = False,
+    memory_budget: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run folder (its ``best.pt``, else ``last.pt``) or a ``.pt`` checkpoint.
 
@@ -98,17 +106,20 @@ def evaluate_checkpoint(
     :param num_samples: importance samples ``K >= 1`` per image (default ``eval.num_samples``).
     :param split: ``"test"`` or ``"val"`` (default ``eval.split``).
     :param batch_size: images per batch (default ``eval.batch_size``).
-    :param chunk_size: importance samples per forward pass (default ``eval.chunk_size``,
-        where null means all ``K``).
+    :param chunk_size: importance samples per forward pass (default ``eval.chunk_size``;
+        where that is null, the largest that fits ``memory_budget``, see
+        :func:`fitting_chunk_size`).
     :param seed: seed of every random draw, set with :func:`pyro.set_rng_seed`.
     :param out: path of ``results.json`` (an existing folder means ``out/results.json``);
         the other files go beside it. Default ``RUN_DIR/eval-<split>-K<K>/results.json``.
     :param device: where the network runs.
     :param force: overwrite results already in the output folder.
+    :param memory_budget: bytes the samples of one pass may take when the chunk size is
+        chosen here (default :func:`default_memory_budget` of ``device``).
     :returns: the contents of ``results.json``; its ``"results"`` entry is its path.
     :raises RunError: for bad arguments, a missing or foreign checkpoint, or existing results.
     """
-    for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size), ("chunk_size", chunk_size)):
+    for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size), ("--chunk-size", chunk_size)):
         if value is not None and value < 1:
             raise RunError(f"{flag} must be >= 1, got {value}; pass a positive number or leave it out for the run's eval default")
     if split not in (None, "test", "val"):
@@ -119,15 +130,19 @@ def evaluate_checkpoint(
     K = num_samples or cfg.eval.num_samples
     split = split or cfg.eval.split
     batch_size = batch_size or cfg.eval.batch_size
-    chunk_size = chunk_size or cfg.eval.chunk_size or K
+    chunk_size = chunk_size or cfg.eval.chunk_size
     results_path = _results_path(out, path.parent, split, K, force)
 
     splits = load_splits(cfg.data)
     vae, hierarchy, ema = _load_vae(state, cfg, splits, path)
     vae.to(device).eval()
     dataset = getattr(splits, split)
-    pyro.set_rng_seed(seed)
     with torch.no_grad(), pyro.validation_enabled(False), pyro.settings.context(module_local_params=True):
+        if chunk_size is None:  # measured before seeding: the samples do not depend on it
+            first = dataset.batch(torch.arange(min(batch_size, len(dataset)))).to(device)
+            budget = default_memory_budget(device) if memory_budget is None else memory_budget
+            chunk_size = fitting_chunk_size(vae, first, K, budget)
+        pyro.set_rng_seed(seed)
         per_image, means, unit_kl = _per_image(vae, hierarchy, dataset, K, chunk_size, batch_size, uses_analytic_kl(cfg, hierarchy), device)
 
     sites = [name for name in per_image if name.startswith("kl_")]
@@ -242,8 +257,7 @@ def _per_image(
     columns: dict[str, list[torch.Tensor]] = {}
     means: dict[str, list[torch.Tensor]] = {}
     unit_kl: dict[str, list[torch.Tensor]] = {}
-    progress = tqdm(total=len(dataset), unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True)
-    with progress:
+    with _Progress(len(dataset)) as progress:
         for start in range(0, len(dataset), batch_size):
             x = dataset.batch(torch.arange(start, min(start + batch_size, len(dataset)))).to(device)
             model_trace, guide_trace = get_traces(vae.model, vae.guide, x)
@@ -327,3 +341,105 @@ def _figure(results: dict[str, Any], per_image: dict[str, np.ndarray]):
     right.bar(list(layers), list(layers.values()), color="C1")
     right.set(xlabel="latent layer", ylabel="KL (nats per image)", title="KL per layer")
     return figure
+
+
+# ------------------------------------------------------------------ memory
+
+
+#: Bytes one pass of importance samples may take on the CPU.
+CPU_MEMORY_BUDGET = 1 << 30
+#: Fraction of a CUDA device's free memory one pass of importance samples may take.
+CUDA_MEMORY_FRACTION = 0.5
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes one pass of importance samples may take: :data:`CPU_MEMORY_BUDGET` on the CPU,
+    :data:`CUDA_MEMORY_FRACTION` of the free memory on a CUDA device."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_MEMORY_FRACTION)
+    return CPU_MEMORY_BUDGET
+
+
+class _TensorBytes(TorchFunctionMode):
+    """Counts the bytes of every tensor storage that torch functions create, once each.
+
+    The storages are held until the mode is left, so that freed memory cannot be reused
+    and escape the count."""
+
+    def __init__(self, inputs: Sequence[torch.Tensor]):
+        super().__init__()
+        self._storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in inputs}
+        self._given = set(self._storages)
+        self.bytes = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in self._storages:
+                    self._storages[storage.data_ptr()] = storage
+                    self.bytes += storage.nbytes()
+        return out
+
+
+def particle_bytes(vae: HierarchicalVAE, x: torch.Tensor) -> int:
+    """Bytes of the tensors one importance sample of every image of ``x`` creates: one run
+    of the guide and the model on ``x``, counting each new tensor as if none were freed
+    (an upper bound on what a sample keeps alive at once). Call it under the settings the
+    samples are drawn with (evaluation runs with ``module_local_params=True``: otherwise
+    the first call also counts the parameters Pyro's param store registers)."""
+    with torch.no_grad(), _TensorBytes([x]) as counter:
+        get_traces(vae.model, vae.guide, x)
+    return counter.bytes
+
+
+def fitting_chunk_size(vae: HierarchicalVAE, x: torch.Tensor, num_samples: int, budget: int) -> int:
+    """The largest number of importance samples of the batch ``x`` per pass, at most
+    ``num_samples`` and at least 1, whose tensors fit in ``budget`` bytes:
+    ``min(K, max(1, budget // particle_bytes(vae, x)))``."""
+    return min(num_samples, max(1, budget // max(1, particle_bytes(vae, x))))
+
+
+# ---------------------------------------------------------------- progress
+
+
+class _Progress:
+    """Images done: a tqdm bar when stderr is a terminal, else a line on stderr each time
+    another ``every`` of them is done (and at the end), e.g.
+    ``evaluate: 500/10000 images (5%), 0:00:12 elapsed, ETA 0:03:48``."""
+
+    def __init__(self, total: int, every: float = 0.05):
+        self.total, self.done = total, 0
+        self.interval = max(1, math.ceil(total * every))
+        self.next_line = self.interval
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=total, unit="img", dynamic_ncols=True) if sys.stderr.isatty() else None
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.done >= self.next_line or self.done == self.total:
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / self.done * (self.total - self.done)
+            print(
+                f"evaluate: {self.done}/{self.total} images ({100 * self.done / self.total:.0f}%), "
+                f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.next_line = (self.done // self.interval + 1) * self.interval
+
+
+def _clock(seconds: float) -> str:
+    """``h:mm:ss``."""
+    return str(datetime.timedelta(seconds=round(seconds)))

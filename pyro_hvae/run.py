@@ -109,10 +109,19 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl``; mirrors scalars to TensorBoard
-    when it is installed."""
+    when it is installed.
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+    A log opened at ``start_step > 0`` continues a run from its checkpoint at that step:
+    the records of later steps, written by a run that crashed before its next
+    checkpoint and about to be written again, are dropped from ``metrics.jsonl`` (which
+    is rewritten atomically), and TensorBoard purges its events from ``start_step + 1``
+    on. The records at ``start_step`` itself came before the checkpoint and stay.
+    """
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, *, start_step: int = 0):
         self.path = path
+        if start_step > 0:
+            truncate_metrics(path, start_step)
         self._file = path.open("a")
         self._tensorboard = None
         if tensorboard_dir is not None:
@@ -121,7 +130,8 @@ class MetricsLog:
             except ImportError:
                 pass
             else:
-                self._tensorboard = SummaryWriter(str(tensorboard_dir))
+                purge = start_step + 1 if start_step > 0 else None
+                self._tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -146,6 +156,24 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only the records of ``metrics.jsonl`` up to ``last_step`` (and drop a line a
+    crash cut short); the file is rewritten atomically, and only when something goes."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line)
+    if kept != lines:
+        _atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -96,13 +96,7 @@ class Trainer:
         self.optimizer = OPTIMIZERS[optim.name](
             self.vae.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
         )
-        schedule = partial(
-            warmup_cosine,
-            warmup_steps=optim.warmup_steps,
-            total_steps=train.steps,
-            min_ratio=min(1.0, optim.min_lr / optim.lr),
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.scheduler = self._lr_schedule()
         self.ema = EMA(self.vae, train.ema_decay) if train.ema_decay else None
         self.skipper = UpdateSkipper(train.skip_factor)
         self.take_step = TrainStep(
@@ -114,6 +108,19 @@ class Trainer:
         self.best: dict[str, Any] = {"val_elbo": -math.inf, "step": None}
         self.stale_evaluations = 0
 
+    def _lr_schedule(self, last_step: int = -1) -> torch.optim.lr_scheduler.LambdaLR:
+        """The warm-up and cosine decay of ``cfg.optim`` over ``train.steps``, where the
+        rate after ``n`` steps is ``optim.lr * warmup_cosine(n)``; ``last_step`` >= 0 starts
+        it after that many steps (the param groups then need their ``initial_lr``)."""
+        optim = self.cfg.optim
+        schedule = partial(
+            warmup_cosine,
+            warmup_steps=optim.warmup_steps,
+            total_steps=self.cfg.train.steps,
+            min_ratio=min(1.0, optim.min_lr / optim.lr),
+        )
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule, last_epoch=last_step)
+
     @property
     def eval_vae(self) -> nn.Module:
         """The weights used for evaluation: the EMA when configured."""
@@ -122,6 +129,8 @@ class Trainer:
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load_state_dict` needs to continue as if never stopped. The
+        learning-rate schedule is not stored: it follows from ``cfg`` and ``step``."""
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -133,7 +142,6 @@ class Trainer:
             "ema": self.ema.shadow.state_dict() if self.ema is not None else None,
             "ema_updates": self.ema.updates if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "skipper": self.skipper.state_dict(),
             "loader": self.loader.state_dict(),
             "rng": rng,
@@ -143,6 +151,14 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`.
+
+        The optimizer keeps its moment estimates, but its hyperparameters are this
+        trainer's ``cfg.optim`` (which a resume may have overridden): betas and weight
+        decay as configured, and the learning rate of the schedule that ``optim.lr``,
+        ``min_lr``, ``warmup_steps`` and ``train.steps`` describe, at the saved step.
+        Without overrides these are the saved values, so the run goes on unchanged.
+        """
         try:
             self.vae.load_state_dict(state["model"])
         except RuntimeError as err:  # e.g. a custom hierarchy's class changed since the checkpoint
@@ -154,7 +170,10 @@ class Trainer:
             # was kept averaged without warm-up: continue it as if warmed up over its steps
             self.ema.updates = state.get("ema_updates", state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        optim = self.cfg.optim
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        self.scheduler = self._lr_schedule(last_step=state["step"] - 1)
         self.skipper.load_state_dict(state["skipper"])
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"].cpu())
@@ -190,7 +209,8 @@ class Trainer:
         if self.step == 0:
             info = {"overrides": self.overrides, "device": str(self.device), "data": self.splits.describe()}
             write_run_info(self.run_dir, dump_config(self.cfg), info)
-        log = MetricsLog(self.run_dir / "metrics.jsonl", self.run_dir / "tensorboard")
+        # a resumed run drops the records a crashed run wrote after its last checkpoint
+        log = MetricsLog(self.run_dir / "metrics.jsonl", self.run_dir / "tensorboard", start_step=self.step)
         progress = tqdm(total=train.steps, initial=self.step, disable=not sys.stderr.isatty(), dynamic_ncols=True)
         batches = self.loader.forever()
         stopped_early = False

@@ -287,7 +287,8 @@ def test_architecture_changes():
         None, ["model.latent_dims=[8]", "data.dataset=fashion_mnist", "optim.lr=1e-4"]
     )
     assert architecture_changes(old, new) == ["data.dataset", "model.latent_dims"]
-    assert set(ARCHITECTURE_FIELDS) == {"data.dataset"} | {
+    # the image size and channels of a user's images fix the data shape
+    assert set(ARCHITECTURE_FIELDS) == {"data.dataset", "data.image_size", "data.channels"} | {
         f"model.{name}" for kind in MODEL_KINDS for name in kind.model_fields
     }
 

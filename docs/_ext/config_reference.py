@@ -66,7 +66,7 @@ def _type(schema: dict[str, Any], plural: bool = False) -> str:
         rest = " or ".join(_type(o, plural) for o in options if o.get("type") != "null")
         return f"{rest} or null" if nullable else rest
     if "enum" in schema:
-        return "one of " + ", ".join(f"'{v}'" for v in schema["enum"])
+        return "one of " + ", ".join(f"'{v}'" if isinstance(v, str) else str(v) for v in schema["enum"])
     if "const" in schema:
         return f"'{schema['const']}'"
     kind = schema.get("type")
