@@ -1,5 +1,5 @@
+import math
 import sys
-import types
 import warnings
 
 import numpy as np
@@ -29,13 +29,71 @@ def heavy_and_light_log_weights(num_samples=2000, n=3, seed=0):
     return heavy, light
 
 
+def direct_psis(log_weights, tail_size):
+    """Pareto-smoothed importance sampling of one column of log weights, written from
+    "Pareto Smoothed Importance Sampling" (Vehtari et al.) and the generalized Pareto fit of
+    Zhang and Stephens (2009), independently of ArviZ: returns ``(smoothed, khat)``.
+
+    The ``tail_size`` largest weights, less the next largest ``u``, are fitted by a
+    generalized Pareto distribution (shape ``xi``, scale ``sigma``): the profile likelihood
+    is averaged over a grid of ``theta = -xi / sigma``, ``xi`` gets the weakly informative
+    prior ``(M xi + 10 * 0.5) / (M + 10)``, and the tail is replaced by ``u`` plus the fitted
+    quantiles at ``(z - 1/2) / M``, capped at the largest raw weight.
+    """
+    lw = log_weights - log_weights.max()
+    order = np.argsort(lw)
+    tail = order[-tail_size:]
+    u = np.exp(lw[order[-tail_size - 1]])
+    x = np.exp(lw[tail]) - u  # the exceedances, ascending
+    m = 30 + int(np.sqrt(tail_size))
+    j = np.arange(1, m + 1)
+    theta = 1 / x[-1] + (1 - np.sqrt(m / (j - 0.5))) / (3 * x[int(tail_size / 4 + 0.5) - 1])
+    xi_of = lambda t: np.mean(np.log1p(-t * x))  # noqa: E731
+    profile = np.array([tail_size * (np.log(-t / xi_of(t)) - xi_of(t) - 1) for t in theta])
+    posterior = 1 / np.exp(profile[None, :] - profile[:, None]).sum(1)
+    t = np.sum(posterior / posterior.sum() * theta)
+    xi = xi_of(t)
+    sigma = -xi / t
+    khat = (tail_size * xi + 10 * 0.5) / (tail_size + 10)
+    p = (np.arange(1, tail_size + 1) - 0.5) / tail_size
+    smoothed = lw.copy()
+    smoothed[tail] = np.log(u + sigma * np.expm1(-khat * np.log1p(-p)) / khat)
+    smoothed = np.minimum(smoothed, 0.0)
+    return smoothed - np.logaddexp.reduce(smoothed), khat
+
+
+def mixed_log_weights(num_samples=1000):
+    """Columns with heavy (k = 2), moderate (lognormal) and negligible tails: [K, 4]."""
+    heavy, light = heavy_and_light_log_weights(num_samples=num_samples, n=2)
+    moderate = 1.5 * np.random.default_rng(1).standard_normal((num_samples, 2))
+    return np.concatenate([heavy, moderate[:, :1], light[:, :1]], axis=1)
+
+
+def assert_matches_direct_psis(log_weights, tail_size):
+    smoothed, khat = psislw(log_weights)
+    for n in range(log_weights.shape[1]):
+        expected_smoothed, expected_khat = direct_psis(log_weights[:, n], tail_size)
+        assert float(khat[n]) == pytest.approx(expected_khat, abs=1e-9)
+        np.testing.assert_allclose(smoothed[:, n].numpy(), expected_smoothed, atol=1e-9)
+
+
+def hide_arviz_stats(monkeypatch):
+    """Make ``import arviz_stats`` fail (the ArviZ 0.x branch), even after an earlier import."""
+    for name in [m for m in sys.modules if m == "arviz_stats" or m.startswith("arviz_stats.")] + ["arviz_stats"]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 def test_khat_heavy_and_light_tails():
+    # Pareto weights with tail index 1/2 have a generalized Pareto tail of shape k = 2;
+    # lognormal weights of log-scale 0.1 have all their moments (k <= 0 in the limit)
     heavy, light = heavy_and_light_log_weights()
     khat_heavy = pareto_khat(heavy)
     assert khat_heavy.shape == (3,)
     assert khat_heavy.dtype == torch.float64
-    assert (khat_heavy > 1).all()
-    assert (pareto_khat(torch.as_tensor(light, dtype=torch.float32)) < 0.5).all()
+    assert torch.allclose(khat_heavy, torch.full((3,), 2.0, dtype=torch.float64), atol=0.35)
+    khat_light = pareto_khat(torch.as_tensor(light, dtype=torch.float32))
+    assert khat_light.dtype == torch.float32
+    assert (khat_light < 0.2).all()
 
 
 def test_arviz_future_warning_is_silenced(monkeypatch, tmp_path):
@@ -43,6 +101,7 @@ def test_arviz_future_warning_is_silenced(monkeypatch, tmp_path):
     # force a fresh import with an empty cache dir so the warning fires
     import arviz  # noqa: F401
 
+    hide_arviz_stats(monkeypatch)  # the ArviZ 0.x branch
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delitem(sys.modules, "arviz")
     with warnings.catch_warnings(record=True) as caught:
@@ -61,32 +120,22 @@ def test_psislw_shapes_and_normalisation():
         psislw(np.zeros(10))
 
 
-def test_arviz_1x_branch_negates_log_weights(monkeypatch):
-    import arviz
+def test_arviz_0x_branch_equals_a_direct_psis_computation(monkeypatch):
+    """ArviZ < 1.0 (``arviz.psislw``) smooths the ``ceil(min(0.2 K, 3 sqrt(K)))`` largest weights."""
+    hide_arviz_stats(monkeypatch)
+    log_weights = mixed_log_weights(1000)
+    assert_matches_direct_psis(log_weights, tail_size=math.ceil(min(0.2 * 1000, 3 * math.sqrt(1000))))
+    # the heavy columns are flagged, the light one is not
+    khat = pareto_khat(log_weights)
+    assert (khat[:2] > 1.4).all() and khat[3] < 0.2
 
-    heavy, light = heavy_and_light_log_weights(num_samples=1000)
-    log_weights = np.concatenate([heavy, light], axis=1)
-    expected_smoothed, expected_khat = psislw(log_weights)
 
-    calls = []
-
-    def fake_psislw(ary, r_eff=1, axis=-1):
-        # ArviZ >= 1.0 convention: takes log ratios with the opposite sign, samples along ``axis``
-        calls.append(ary)
-        return arviz.psislw(-np.moveaxis(ary, axis, -1), reff=r_eff)
-
-    base = types.ModuleType("arviz_stats.base")
-    base.array_stats = types.SimpleNamespace(psislw=fake_psislw)
-    package = types.ModuleType("arviz_stats")
-    package.base = base
-    monkeypatch.setitem(sys.modules, "arviz_stats", package)
-    monkeypatch.setitem(sys.modules, "arviz_stats.base", base)
-
-    smoothed, khat = psislw(log_weights)
-    assert len(calls) == 1
-    np.testing.assert_allclose(calls[0], -log_weights.T)
-    assert torch.allclose(khat, expected_khat)
-    assert torch.allclose(smoothed, expected_smoothed)
+def test_arviz_1x_branch_equals_a_direct_psis_computation():
+    """ArviZ >= 1.0 (``arviz_stats``, which takes log ratios of the opposite sign) smooths the
+    ``floor(3 sqrt(K))`` largest weights: a wrong sign would fit the left tail instead."""
+    pytest.importorskip("arviz_stats")
+    log_weights = mixed_log_weights(1000)
+    assert_matches_direct_psis(log_weights, tail_size=math.floor(3 * math.sqrt(1000)))
 
 
 def test_khat_threshold():
@@ -143,26 +192,29 @@ def test_kl_per_site_normal_is_analytic():
     assert kl["z"].requires_grad
 
 
-def test_kl_per_site_flow_falls_back_to_monte_carlo():
-    n = 4
-    flow = dist.transforms.AffineTransform(torch.tensor(0.5), torch.tensor(2.0))
+def test_kl_per_site_flow_falls_back_to_an_unbiased_monte_carlo_estimate():
+    """q = exp(0.5 + 2 eps) is LogNormal(0.5, 2), a flow with no registered KL; against
+    p = LogNormal(0, 1) its KL is that of N(0.5, 2) to N(0, 1): log(1/2) + (4 + 0.25)/2 - 1/2
+    per dimension. The one-sample estimates, one per data point, must average to it."""
+    n = 20000
+    flow = dist.transforms.AffineTransform(torch.tensor(0.5, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
 
     def model():
         with pyro.plate("data", n):
-            pyro.sample("z", dist.LogNormal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("z", dist.LogNormal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1))
 
     def guide():
         with pyro.plate("data", n):
-            base = dist.Normal(torch.zeros(2), 1.0)
+            base = dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0)
             transforms = [flow, dist.transforms.ExpTransform()]
             pyro.sample("z", dist.TransformedDistribution(base, transforms).to_event(1))
 
     model_trace, guide_trace = get_traces(model, guide)
-    kl = kl_per_site(model_trace, guide_trace)
-    q, p = guide_trace.nodes["z"]["fn"], model_trace.nodes["z"]["fn"]
-    z = guide_trace.nodes["z"]["value"]
-    assert kl["z"].shape == (n,)
-    assert torch.allclose(kl["z"], q.log_prob(z) - p.log_prob(z))
+    kl = kl_per_site(model_trace, guide_trace)["z"]
+    assert kl.shape == (n,)
+    exact = 2 * (math.log(0.5) + (4 + 0.25) / 2 - 0.5)
+    assert abs(float(kl.mean()) - exact) < 4 * float(kl.std()) / math.sqrt(n)
+    assert float(kl.std()) > 0.5  # per data point it is one draw, not the analytic value
 
 
 def test_kl_per_site_sums_nested_plates_and_skips_observed():
