@@ -7,18 +7,18 @@ import torch
 from torch import nn
 
 from pyro_hvae.infer.iw import get_traces
-from pyro_hvae.models.top_down import TopDownModel, latent_site
+from pyro_hvae.models.top_down import GenerativeModel, latent_site
 
 
 class HierarchicalVAE(nn.Module):
-    """Base class: a :class:`TopDownModel` ``self.model`` and a guide ``self.guide``.
+    """Base class: a :class:`GenerativeModel` ``self.model`` and a guide ``self.guide``.
 
     Both are ``nn.Module`` s, so ``Trace_ELBO()(vae.model, vae.guide).parameters()``
     and ``vae.parameters()`` both hold every parameter, and ``vae.to(device)`` moves
     them all.
     """
 
-    model: TopDownModel
+    model: GenerativeModel
     guide: nn.Module
 
     @property
