@@ -79,6 +79,7 @@ class ResidualNormalDistribution(dist.Normal):
         super().__init__(prior.loc + delta_loc, prior.scale * delta_log_scale.exp(), validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
+        """The same residual normal over ``batch_shape``: prior and deltas expanded alike."""
         batch_shape = torch.Size(batch_shape)
         return ResidualNormalDistribution(
             self.prior.expand(batch_shape),

@@ -208,6 +208,14 @@ def test_predictive_draws_posterior_latents_and_images():
     assert prior_draws["x"].shape == (2, 5, 1, 8, 8)
 
 
+def test_conv_layers_lists_every_convolution_of_model_and_guide():
+    vae = tiny()
+    listed = {id(layer.weight) for layer in vae.conv_layers()}
+    kernels = {id(p) for p in vae.parameters() if p.dim() == 4}
+    assert listed == kernels
+    assert kernels & {id(p) for p in vae.model.parameters()} and kernels & {id(p) for p in vae.guide.parameters()}
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
