@@ -7,7 +7,7 @@ import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import Normal, kl_divergence
 
-from pyro_hvae import ConvLadderVAE, HierarchicalELBO, log_likelihood
+from pyro_hvae import Categorical, ConvLadderVAE, HierarchicalELBO, log_likelihood
 from pyro_hvae.cells import (
     BottleneckBlock,
     DecoderCell,
@@ -76,6 +76,18 @@ def test_sites_have_spatial_events_at_their_scale(data_shape, scales, groups, ch
     # zero-initialized posterior heads: every posterior starts at its prior
     assert all(kl == 0 for kl in elbo.terms["kl"].values())
     assert math.isfinite(elbo.terms["elbo"])
+
+
+def test_output_head_channels_reach_the_likelihood_value_by_value(monkeypatch):
+    # channel c * k + j of the head is feature j of colour channel c at every pixel
+    vae = tiny(data_shape=(2, 8, 8), likelihood=Categorical(3))
+    c, h, w = torch.meshgrid(torch.arange(2), torch.arange(8), torch.arange(8), indexing="ij")
+    best = (c + h + w) % 3  # the level each value should favour
+    head_out = torch.nn.functional.one_hot(best, 3).movedim(-1, 1).reshape(6, 8, 8).float()
+    monkeypatch.setattr(vae.model.head, "forward", lambda state: head_out.expand(*state.shape[:-3], 6, 8, 8))
+    observation = vae.model.observation(torch.zeros(5, 8, 4, 4))
+    assert observation.batch_shape == (5,) and observation.event_shape == (2, 8, 8)
+    assert torch.equal(observation.base_dist.logits.argmax(-1), best.expand(5, 2, 8, 8))
 
 
 def random_residual_pair(shape=(2, 3, 4, 4), seed=0, delta_std=0.5):
