@@ -23,7 +23,7 @@ posterior mean shift       ``dmu = b(raw)``, so ``|dmu| < 5``
 posterior scale ratio      ``dsigma = exp(b(raw))``, in ``(0.0067, 148.4)``
 =========================  =========================================================
 
-so every posterior scale is at least ``SCALE_FLOOR * exp(-5) ~ 6.7e-5`` and the KL per
+so every posterior scale is at least ``(SCALE_FLOOR + exp(-5)) * exp(-5) ~ 1.1e-4`` and the KL per
 dimension is at most ``0.5 * (25 / 0.0167^2 + 148.4^2 + 10)``: a single group cannot
 produce an infinite or NaN loss.
 
