@@ -2,16 +2,31 @@
 
 from pyro_hvae.models.base import HierarchicalVAE
 from pyro_hvae.models.bottom_up import BottomUpGuide, BottomUpVAE
+from pyro_hvae.models.conv_ladder import (
+    ConvEncoder,
+    ConvLadderGuide,
+    ConvLadderVAE,
+    ConvLayout,
+    ConvTopDownModel,
+    LatentGroup,
+)
 from pyro_hvae.models.ladder import BottomUpPath, LadderGuide, LadderVAE
-from pyro_hvae.models.top_down import TopDownModel, latent_site, register_params
+from pyro_hvae.models.top_down import GenerativeModel, TopDownModel, latent_site, register_params
 
 __all__ = [
     "BottomUpGuide",
     "BottomUpPath",
     "BottomUpVAE",
+    "ConvEncoder",
+    "ConvLadderGuide",
+    "ConvLadderVAE",
+    "ConvLayout",
+    "ConvTopDownModel",
+    "GenerativeModel",
     "HierarchicalVAE",
     "LadderGuide",
     "LadderVAE",
+    "LatentGroup",
     "TopDownModel",
     "latent_site",
     "register_params",

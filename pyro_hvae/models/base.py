@@ -25,12 +25,12 @@ import torch
 from torch import nn
 
 from pyro_hvae.infer.iw import get_traces
-from pyro_hvae.models.top_down import TopDownModel, latent_site
+from pyro_hvae.models.top_down import GenerativeModel, latent_site
 
 
 class HierarchicalVAE(nn.Module):
-    """Base class: a model ``self.model`` and a guide ``self.guide``, with the protocol's
-    defaults (see the module docstring).
+    """Base class: a :class:`GenerativeModel` ``self.model`` and a guide ``self.guide``,
+    with the protocol's defaults (see the module docstring).
 
     Built-in hierarchies hold a :class:`TopDownModel` as ``self.model`` and a guide
     module as ``self.guide``; both are ``nn.Module`` s, so ``vae.parameters()`` holds
@@ -38,7 +38,7 @@ class HierarchicalVAE(nn.Module):
     instead define ``model`` and ``guide`` as methods.
     """
 
-    model: TopDownModel
+    model: GenerativeModel
     guide: nn.Module
 
     #: Name of the plate over data points that every sample site lies in.

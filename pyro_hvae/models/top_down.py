@@ -41,7 +41,55 @@ def latent_site(layer: int) -> str:
     return f"z_{layer}"
 
 
-class TopDownModel(nn.Module):
+class GenerativeModel(nn.Module):
+    """What every generative model here shares: ``data_shape``, the likelihood head,
+    the Pyro name its parameters register under, and the checks on the data it is given.
+
+    Subclasses build their networks and implement ``forward(x=None, *, batch_size=None)``
+    as a Pyro program with sites ``z_L, ..., z_1`` and ``x`` inside ``pyro.plate("data", N)``.
+    """
+
+    def __init__(self, data_shape: Sequence[int], likelihood: Likelihood | None, name: str | None):
+        super().__init__()
+        self.data_shape = tuple(check_positive_sizes("data_shape", data_shape))
+        self.likelihood = likelihood if likelihood is not None else Bernoulli()
+        self.pyro_name = name or f"{type(self).__name__.lower()}_{next(_instance_ids)}"
+
+    @property
+    def num_layers(self) -> int:
+        """The number of latent sites ``L``."""
+        raise NotImplementedError
+
+    @property
+    def data_dim(self) -> int:
+        """Number of values in one data point, ``prod(data_shape)``."""
+        return math.prod(self.data_shape)
+
+    def batch_size_of(self, x: torch.Tensor | None, batch_size: int | None) -> int:
+        """The number of data points: ``len(x)`` after :meth:`check_data`, or ``batch_size``."""
+        if x is None:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"batch_size must be a positive integer when x is None, got {batch_size!r}")
+            return batch_size
+        self.check_data(x)
+        return x.shape[0]
+
+    def check_data(self, x: torch.Tensor) -> None:
+        """Check ``x`` against ``data_shape``, and the likelihood's support while Pyro's
+        validation is on; raise ``ValueError`` saying what was expected."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x must be a torch.Tensor of shape [N, {', '.join(map(str, self.data_shape))}], got {type(x).__name__}")
+        if tuple(x.shape[1:]) != self.data_shape:
+            expected = ", ".join(map(str, self.data_shape))
+            raise ValueError(
+                f"x: expected shape [N, {expected}] (a batch of data points of shape {self.data_shape}), "
+                f"got {list(x.shape)}; reshape the batch, or build the model with data_shape={tuple(x.shape[1:])}"
+            )
+        if is_validation_enabled():
+            self.likelihood.check_support(x)
+
+
+class TopDownModel(GenerativeModel):
     """The generative model ``p(x, z_{1:L})`` as a Pyro program: ``model(x)``.
 
     :param data_shape: shape of one data point, e.g. ``(1, 28, 28)``.
@@ -66,11 +114,9 @@ class TopDownModel(nn.Module):
         batch_norm: bool = False,
         name: str | None = None,
     ):
-        super().__init__()
-        self.data_shape = tuple(check_positive_sizes("data_shape", data_shape))
+        super().__init__(data_shape, likelihood, name)
         self.latent_dims = check_positive_sizes("latent_dims", latent_dims)
         hidden_dims = check_positive_sizes("hidden_dims", hidden_dims)
-        self.likelihood = likelihood if likelihood is not None else Bernoulli()
         width = hidden_dims[-1]
         self.priors = nn.ModuleList(
             ConditionalNormal(above, [width, width], below, activation=activation, batch_norm=batch_norm)
@@ -84,16 +130,10 @@ class TopDownModel(nn.Module):
             batch_norm=batch_norm,
         )
         self.register_buffer("_zero", torch.zeros(()), persistent=False)
-        self.pyro_name = name or f"{type(self).__name__.lower()}_{next(_instance_ids)}"
 
     @property
     def num_layers(self) -> int:
         return len(self.latent_dims)
-
-    @property
-    def data_dim(self) -> int:
-        """Number of values in one data point, ``prod(data_shape)``."""
-        return math.prod(self.data_shape)
 
     def top_prior(self, batch_size: int) -> dist.TorchDistribution:
         """``p(z_L) = N(0, I)``."""
@@ -118,26 +158,3 @@ class TopDownModel(nn.Module):
             for layer in reversed(range(1, L)):
                 z = pyro.sample(latent_site(layer), self.prior(layer, z))
             return pyro.sample("x", self.observation(z), obs=x)
-
-    def batch_size_of(self, x: torch.Tensor | None, batch_size: int | None) -> int:
-        """The number of data points: ``len(x)`` after :meth:`check_data`, or ``batch_size``."""
-        if x is None:
-            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-                raise ValueError(f"batch_size must be a positive integer when x is None, got {batch_size!r}")
-            return batch_size
-        self.check_data(x)
-        return x.shape[0]
-
-    def check_data(self, x: torch.Tensor) -> None:
-        """Check ``x`` against ``data_shape``, and the likelihood's support while Pyro's
-        validation is on; raise ``ValueError`` saying what was expected."""
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"x must be a torch.Tensor of shape [N, {', '.join(map(str, self.data_shape))}], got {type(x).__name__}")
-        if tuple(x.shape[1:]) != self.data_shape:
-            expected = ", ".join(map(str, self.data_shape))
-            raise ValueError(
-                f"x: expected shape [N, {expected}] (a batch of data points of shape {self.data_shape}), "
-                f"got {list(x.shape)}; reshape the batch, or build the model with data_shape={tuple(x.shape[1:])}"
-            )
-        if is_validation_enabled():
-            self.likelihood.check_support(x)
