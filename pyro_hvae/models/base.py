@@ -52,8 +52,8 @@ class HierarchicalVAE(nn.Module):
     @property
     def latent_sites(self) -> list[str] | None:
         """Latent site names, bottom first: ``["z_1", ..., "z_L"]`` for a
-        :class:`TopDownModel`; None elsewhere (every latent site, found from a trace)."""
-        if not isinstance(self.model, TopDownModel):
+        :class:`GenerativeModel`; None elsewhere (every latent site, found from a trace)."""
+        if not isinstance(self.model, GenerativeModel):
             return None
         return [latent_site(layer) for layer in range(1, self.model.num_layers + 1)]
 
