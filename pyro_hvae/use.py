@@ -228,7 +228,8 @@ def vary_details(
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _batch_norms(vae) -> dict[str, _BatchNorm]:
+def batch_norm_layers(vae) -> dict[str, _BatchNorm]:
+    """The batch-norm layers of ``vae.model`` by name (those sampling uses)."""
     return {name: m for name, m in vae.model.named_modules() if isinstance(m, _BatchNorm)}
 
 
@@ -270,7 +271,7 @@ def readjust_batch_norm(
     temperatures = layer_temperatures(vae, temperature)
     if min(temperatures.values()) <= 0:
         raise ValueError(f"temperature must be > 0 to readjust batch norm (at 0 every sample is the same), got {temperature!r}")
-    layers = _batch_norms(vae)
+    layers = batch_norm_layers(vae)
     if not layers:
         raise ValueError("this hierarchy's model has no batch norm: there is nothing to readjust; sample without it")
     path = bn_stats_path(run_dir, temperature) if run_dir is not None else None
@@ -311,7 +312,7 @@ def batch_norm_stats(vae, stats: Mapping[str, torch.Tensor] | None) -> Iterator[
     if stats is None:
         yield
         return
-    layers = _batch_norms(vae)
+    layers = batch_norm_layers(vae)
     if set(stats) != set(_buffers(layers)):
         raise ValueError("batch_norm: these statistics belong to another model; compute them with readjust_batch_norm(vae, ...)")
     saved = {key: value.clone() for key, value in _buffers(layers).items()}
@@ -324,6 +325,7 @@ def batch_norm_stats(vae, stats: Mapping[str, torch.Tensor] | None) -> Iterator[
 
 __all__ = [
     "TemperatureMessenger",
+    "batch_norm_layers",
     "batch_norm_stats",
     "bn_stats_path",
     "check_layers",
