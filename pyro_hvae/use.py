@@ -150,8 +150,6 @@ def sample(
 
     :param batch_norm: batch-norm statistics to sample with, from :func:`readjust_batch_norm`.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     model = tempered(vae.model, layer_temperatures(vae, temperature))
     with batch_norm_stats(vae, batch_norm):
         return _observation(poutine.trace(model).get_trace(batch_size=num_samples), mean)

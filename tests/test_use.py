@@ -162,7 +162,7 @@ def test_varying_details_keeps_the_top_layer(trained, images):
         (lambda v, x: use.sample(v, 2, temperature=-0.5), "temperature must be a finite number >= 0"),
         (lambda v, x: use.sample(v, 2, temperature=math.nan), "temperature must be a finite number >= 0"),
         (lambda v, x: use.sample(v, 2, temperature=[1.0, 0.5]), "expected one number or 3"),
-        (lambda v, x: use.sample(v, 0), "num_samples must be a positive integer"),
+        (lambda v, x: use.sample(v, 0), "batch_size must be a positive integer"),
         (lambda v, x: use.decode(v, {"z_9": x}), r"\['z_9'\] are not latent sites"),
         (lambda v, x: use.decode(v, {}), "latents: give at least one layer"),
         (lambda v, x: use.interpolate(v, x, x, 3, layers=[0]), "layers: layer 0 does not exist"),
