@@ -158,6 +158,8 @@ def inpaint(
     :param method: ``"mwg"`` (exact in the limit, reports acceptance) or ``"pseudo_gibbs"``.
     :param num_steps: number of sweeps, ``>= 1``.
     """
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"x must be a batch of images [N, *data_shape] as a torch.Tensor, got {type(x).__name__}")
     if method not in METHODS:
         raise ValueError(f"method: unknown {method!r}; choose one of {', '.join(METHODS)}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:

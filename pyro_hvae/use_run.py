@@ -6,9 +6,9 @@ Each loads the run's evaluation weights (``best.pt``, else the EMA of ``last.pt`
 
     RUN/sample-T0.8/              samples.png      the images, 8 per row
                                   samples.npz      images (and the temperature)
-    RUN/reconstruct-test/         reconstruct.png  original | reconstruction, per row
+    RUN/reconstruct-test/         reconstruct.png  original | reconstruction pairs, 4 per row
                                   reconstruct.npz  original, reconstruction, index
-    RUN/inpaint-center-mwg/       inpaint.png      original | masked (grey) | filled, per row
+    RUN/inpaint-center-mwg/       inpaint.png      original | masked (grey) | filled triples, 4 per row
                                   inpaint.npz      original, mask, filled, acceptance_rate, index
 
 Arguments are checked before anything is computed; a bad one raises :class:`RunError`
