@@ -28,7 +28,7 @@ from typing import Literal
 import pyro.poutine as poutine
 import torch
 
-from pyro_hvae.use import encode
+from pyro_hvae.use import decode, encode
 
 MASKS = ("center", "left", "right", "top", "bottom", "random")
 
@@ -114,8 +114,7 @@ def pseudo_gibbs(vae, x: torch.Tensor, mask: torch.Tensor, num_steps: int) -> In
     """``num_steps`` rounds of ``z ~ q(z | x)``, ``x_m ~ p(x_m | z)``."""
     current = torch.where(mask, x, vae.model(batch_size=x.shape[0]))
     for _ in range(num_steps):
-        _, observation = _log_joint(vae, current, encode(vae, current))
-        current = torch.where(mask, x, observation.sample())
+        current = torch.where(mask, x, decode(vae, encode(vae, current), mean=False))
     return Inpainting(current)
 
 
