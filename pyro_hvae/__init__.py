@@ -1,11 +1,13 @@
 """pyro-hvae: deep hierarchical VAEs as Pyro programs.
 
 The public API: the hierarchies, the building blocks they are made of (for writing
-hierarchies of your own), the training objective and the evaluation functions.
+hierarchies of your own), the training objective, the evaluation functions and inpainting
+(sampling, encoding and decoding live in :mod:`pyro_hvae.use` and on every hierarchy).
 """
 
 from pyro_hvae.infer.elbo import HierarchicalELBO, site_kl
 from pyro_hvae.infer.iw import get_traces, log_likelihood
+from pyro_hvae.inpaint import Inpainting, inpaint, make_mask
 from pyro_hvae.latents import (
     DELTA_LOG_SCALE_BOUNDS,
     IAF,
@@ -48,6 +50,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DELTA_LOG_SCALE_BOUNDS",
     "IAF",
+    "Inpainting",
     "LOG_SCALE_BOUNDS",
     "MLP",
     "BatchNorm",
@@ -80,8 +83,10 @@ __all__ = [
     "cat_features",
     "diagonal_normal",
     "get_traces",
+    "inpaint",
     "latent_site",
     "log_likelihood",
+    "make_mask",
     "register_params",
     "residual_normal",
     "residual_normal_kl",

@@ -38,7 +38,7 @@ class _ExpectedFailures(click.Group):
 @click.group(cls=_ExpectedFailures, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pyro-hvae")
 def main() -> None:
-    """Deep hierarchical VAEs as Pyro programs: train and evaluate them."""
+    """Deep hierarchical VAEs as Pyro programs: train, evaluate and use them."""
 
 
 @main.command()
@@ -136,6 +136,76 @@ def evaluate(target, num_samples, split, batch_size, chunk_size, seed, out, devi
     )
     click.echo(json.dumps({k: results[k] for k in ("nll_nats", "nll_bits_per_dim", "elbo", "num_samples", "chunk_size", "split", "results")}))
 
+
+_run_argument = click.argument("target", type=click.Path(path_type=Path), metavar="RUN_DIR_OR_CHECKPOINT")
+_device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
+
+
+def _use_options(default_out: str):
+    """The options every use verb shares: --seed, --out, --force, --device."""
+
+    def decorate(command):
+        for option in reversed(
+            [
+                click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random draw."),
+                click.option("--out", type=click.Path(path_type=Path), default=None, help=f"Output folder (default: {default_out})."),
+                click.option("--force", is_flag=True, help="Overwrite earlier outputs in that folder."),
+                _device_option,
+            ]
+        ):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+@main.command()
+@_run_argument
+@click.option("--num", type=int, default=64, show_default=True, help="Number of images.")
+@click.option("--temperature", "-T", type=float, default=1.0, show_default=True, help="Scale of every prior's standard deviation (> 0).")
+@click.option("--draw", is_flag=True, help="Draw x ~ p(x | z) instead of showing E[x | z].")
+@_use_options("RUN_DIR/sample-T<temperature>")
+def sample(target, num, temperature, draw, seed, out, force, device):
+    """Prior samples of a trained run at a temperature: a PNG grid and the images as .npz."""
+    from pyro_hvae.train import resolve_device
+    from pyro_hvae.use_run import sample_run
+
+    folder = sample_run(target, num=num, temperature=temperature, mean=not draw, seed=seed, out=out, force=force, device=resolve_device(device))
+    click.echo(str(folder))
+
+
+@main.command()
+@_run_argument
+@click.option("--num", type=int, default=32, show_default=True, help="Number of images (the first of the split).")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--draw", is_flag=True, help="Draw x' ~ p(x' | z) instead of showing E[x' | z].")
+@_use_options("RUN_DIR/reconstruct-<split>")
+def reconstruct(target, num, split, draw, seed, out, force, device):
+    """Images of a split beside their reconstructions: a PNG grid and the tensors as .npz."""
+    from pyro_hvae.train import resolve_device
+    from pyro_hvae.use_run import reconstruct_run
+
+    folder = reconstruct_run(target, num=num, split=split, mean=not draw, seed=seed, out=out, force=force, device=resolve_device(device))
+    click.echo(str(folder))
+
+
+@main.command()
+@_run_argument
+@click.option("--mask", default="center", show_default=True, help="center, left, right, top, bottom, random (the region hidden), or a .npy file of booleans, True where observed.")
+@click.option("--method", type=click.Choice(["mwg", "pseudo_gibbs"]), default="mwg", show_default=True, help="Metropolis-within-Gibbs (exact) or pseudo-Gibbs.")
+@click.option("--num", type=int, default=16, show_default=True, help="Number of images (the first of the split).")
+@click.option("--steps", type=int, default=100, show_default=True, help="Sampler steps.")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@_use_options("RUN_DIR/inpaint-<mask>-<method>")
+def inpaint(target, mask, method, num, steps, split, seed, out, force, device):
+    """Fill the pixels a mask hides: a PNG grid (original | masked | filled) and the tensors as .npz."""
+    from pyro_hvae.train import resolve_device
+    from pyro_hvae.use_run import inpaint_run
+
+    folder = inpaint_run(
+        target, mask=mask, method=method, num=num, num_steps=steps, split=split, seed=seed, out=out, force=force, device=resolve_device(device)
+    )
+    click.echo(str(folder))
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

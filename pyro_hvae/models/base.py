@@ -20,11 +20,10 @@ and ``guide`` gets the same ones.
 
 from __future__ import annotations
 
-import pyro.poutine as poutine
 import torch
 from torch import nn
 
-from pyro_hvae.infer.iw import get_traces
+from pyro_hvae import use
 from pyro_hvae.models.top_down import GenerativeModel, latent_site
 
 
@@ -62,21 +61,30 @@ class HierarchicalVAE(nn.Module):
         """Shape of one data point, e.g. ``(1, 28, 28)``."""
         return self.model.data_shape
 
-    @torch.no_grad()
-    def sample(self, num_samples: int, *, mean: bool = True) -> torch.Tensor:
-        """Images from the prior: ``z ~ p(z)``, then ``E[x | z_1]`` (``mean=True``) or ``x ~ p(x | z_1)``.
+    def sample(self, num_samples: int, *, temperature=1.0, mean: bool = True, batch_norm=None) -> torch.Tensor:
+        """Images from the prior at ``temperature``; see :func:`pyro_hvae.use.sample`."""
+        return use.sample(self, num_samples, temperature=temperature, mean=mean, batch_norm=batch_norm)
 
-        Calls ``model(batch_size=num_samples)`` as a :class:`TopDownModel` allows; for a
-        model that needs ``x``, :func:`~pyro_hvae.models.protocol.prior_means` takes a batch
-        that only sets the number of samples.
-        """
-        trace = poutine.trace(self.model).get_trace(batch_size=num_samples)
-        site = trace.nodes[self.observed_site]
-        return site["fn"].mean if mean else site["value"]
-
-    @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, *, mean: bool = True) -> torch.Tensor:
-        """Reconstructions: ``z ~ q(z | x)``, then ``E[x' | z_1]`` (``mean=True``) or a sample."""
-        model_trace, _ = get_traces(self.model, self.guide, x)
-        observation = model_trace.nodes[self.observed_site]["fn"]
-        return observation.mean if mean else observation.sample()
+        """``z ~ q(z | x)``, then ``E[x' | z]`` or a sample; see :func:`pyro_hvae.use.reconstruct`."""
+        return use.reconstruct(self, x, mean=mean)
+
+    def encode(self, x: torch.Tensor, *, mean: bool = False) -> dict[str, torch.Tensor]:
+        """Per-layer codes ``{site: z_l}``; see :func:`pyro_hvae.use.encode`."""
+        return use.encode(self, x, mean=mean)
+
+    def decode(self, latents, *, temperature=1.0, mean: bool = True) -> torch.Tensor:
+        """Images from (some) latents, the rest from the prior; see :func:`pyro_hvae.use.decode`."""
+        return use.decode(self, latents, temperature=temperature, mean=mean)
+
+    def interpolate(self, x_a, x_b, steps: int, *, layers=None, temperature=0.0, mean: bool = True) -> torch.Tensor:
+        """Interpolate the chosen layers between two images; see :func:`pyro_hvae.use.interpolate`."""
+        return use.interpolate(self, x_a, x_b, steps, layers=layers, temperature=temperature, mean=mean)
+
+    def vary_details(self, x, *, keep_top: int, num_samples: int, temperature=1.0, mean: bool = True) -> torch.Tensor:
+        """Keep the top layers of ``x``, redraw the rest; see :func:`pyro_hvae.use.vary_details`."""
+        return use.vary_details(self, x, keep_top=keep_top, num_samples=num_samples, temperature=temperature, mean=mean)
+
+    def readjust_batch_norm(self, temperature, **kwargs) -> dict[str, torch.Tensor]:
+        """Batch-norm statistics for sampling at ``temperature``; see :func:`pyro_hvae.use.readjust_batch_norm`."""
+        return use.readjust_batch_norm(self, temperature, **kwargs)
