@@ -93,8 +93,9 @@ class Inpainting:
 def _log_joint(vae, x: torch.Tensor, z: Mapping[str, torch.Tensor]):
     """``log p(x, z)`` per image ``[N]``, and ``p(x | z)``."""
     trace = poutine.trace(poutine.condition(vae.model, data=dict(z))).get_trace(x)
-    sites = [*vae.latent_sites, "x"]
-    return sum(trace.nodes[s]["fn"].log_prob(trace.nodes[s]["value"]) for s in sites), trace.nodes["x"]["fn"]
+    observed = getattr(vae, "observed_site", "x")
+    sites = [*vae.latent_sites, observed]
+    return sum(trace.nodes[s]["fn"].log_prob(trace.nodes[s]["value"]) for s in sites), trace.nodes[observed]["fn"]
 
 
 def _log_guide(vae, x: torch.Tensor, z: Mapping[str, torch.Tensor] | None = None):

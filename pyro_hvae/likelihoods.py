@@ -84,6 +84,15 @@ class Likelihood(ABC):
         ``prod(data_shape) * features_per_value``."""
         return math.prod(data_shape) * self.features_per_value
 
+    def features_from_map(self, feature_map: torch.Tensor, data_shape: tuple[int, ...]) -> torch.Tensor:
+        """A conv decoder's output ``[..., num_features / (H W), H, W]`` as the flat features
+        :meth:`distribution` reads. Here channel ``c``'s ``k = features_per_value`` maps are
+        adjacent (``c * k + j``) and are moved next to each value: ``[..., C, H, W, k]``, flattened."""
+        k = self.features_per_value
+        c, h, w = data_shape
+        per_value = feature_map.reshape(*feature_map.shape[:-3], c, k, h, w).movedim(-3, -1)
+        return per_value.flatten(-4)
+
     def distribution(self, features: torch.Tensor, data_shape: tuple[int, ...]) -> TorchDistribution:
         """``p(x | z_1)`` with batch shape ``features.shape[:-1]`` and event shape ``data_shape``."""
         params = features.reshape(features.shape[:-1] + tuple(data_shape) + (self.features_per_value,))
@@ -438,6 +447,10 @@ class CoupledLogisticMixture(Likelihood):
     def num_features(self, data_shape: tuple[int, ...]) -> int:
         channels, height, width = self._image_shape(data_shape)
         return height * width * self.features_per_pixel(channels)
+
+    def features_from_map(self, feature_map: torch.Tensor, data_shape: tuple[int, ...]) -> torch.Tensor:
+        """A conv decoder's ``[..., F, H, W]`` output is already this likelihood's layout: flattened."""
+        return feature_map.flatten(-3)
 
     def distribution(self, features: torch.Tensor, data_shape: tuple[int, ...]) -> TorchDistribution:
         """``p(x | z_1)`` with batch shape ``features.shape[:-1]`` and event shape ``data_shape``."""

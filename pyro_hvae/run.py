@@ -31,7 +31,9 @@ import pyro
 import torch
 
 CHECKPOINT_FORMAT = "pyro-hvae-checkpoint"
-CHECKPOINT_VERSION = 1
+#: 2: IAF flows start at the identity (a new parameterisation), last.pt holds the EMA
+#: update count and no scheduler state; checkpoints of version 1 are refused.
+CHECKPOINT_VERSION = 2
 
 
 class RunError(ValueError):
@@ -206,5 +208,5 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a pyro-hvae checkpoint (no '{CHECKPOINT_FORMAT}' tag); pass a file written by pyro-hvae train")
     if state.get("version") != CHECKPOINT_VERSION:
-        raise RunError(f"{path} is a pyro-hvae checkpoint of format version {state.get('version')}, this version reads {CHECKPOINT_VERSION}")
+        raise RunError(f"{path} is a pyro-hvae checkpoint of format version {state.get('version')}, this version reads {CHECKPOINT_VERSION}; train it again with this version")
     return state

@@ -2,7 +2,7 @@
 
 Every function takes any hierarchy that follows the package's protocol: ``vae.model(x=None,
 batch_size=N)`` a Pyro model with its per-image sites in ``pyro.plate("data", N)`` and the
-observed site ``"x"``; ``vae.guide(x)`` its guide; ``vae.latent_sites`` the latent site
+observed site ``vae.observed_site`` (``"x"`` when it has none); ``vae.guide(x)`` its guide; ``vae.latent_sites`` the latent site
 names bottom first (``["z_1", ..., "z_L"]``). :class:`~pyro_hvae.HierarchicalVAE` has a thin
 method for each.
 
@@ -106,8 +106,8 @@ def check_layers(vae, layers: Sequence[int], name: str = "layers") -> list[int]:
     return layers
 
 
-def _observation(trace, mean: bool) -> torch.Tensor:
-    site = trace.nodes["x"]
+def _observation(vae, trace, mean: bool) -> torch.Tensor:
+    site = trace.nodes[getattr(vae, "observed_site", "x")]
     return site["fn"].mean if mean else site["value"]
 
 
@@ -134,7 +134,7 @@ def decode(vae, latents: Mapping[str, torch.Tensor], *, temperature: Temperature
     if len(num) != 1:
         raise ValueError(f"latents: every layer's code needs the same number of images, got {sorted(num)}")
     model = tempered(poutine.condition(vae.model, data=dict(latents)), layer_temperatures(vae, temperature))
-    return _observation(poutine.trace(model).get_trace(batch_size=num.pop()), mean)
+    return _observation(vae, poutine.trace(model).get_trace(batch_size=num.pop()), mean)
 
 
 @torch.no_grad()
@@ -152,7 +152,7 @@ def sample(
     """
     model = tempered(vae.model, layer_temperatures(vae, temperature))
     with batch_norm_stats(vae, batch_norm):
-        return _observation(poutine.trace(model).get_trace(batch_size=num_samples), mean)
+        return _observation(vae, poutine.trace(model).get_trace(batch_size=num_samples), mean)
 
 
 @torch.no_grad()

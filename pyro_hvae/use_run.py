@@ -59,7 +59,7 @@ def load_run(target: str | Path, device: torch.device = torch.device("cpu")) -> 
     state = load_checkpoint(path)
     cfg = config_from_yaml(state["config"], f"{path} (stored config)")
     splits = load_splits(cfg.data)
-    vae, _ = _load_vae(state, cfg, splits.data_shape, path)
+    vae, _, _ = _load_vae(state, cfg, splits, path)
     return Run(vae.to(device).eval(), cfg, splits, path.parent, path)
 
 
@@ -202,7 +202,7 @@ def inpaint_run(
         raise RunError(f"--method must be 'mwg' or 'pseudo_gibbs', got {method!r}")
     _check_split(split)
     run = load_run(target, device)
-    name, observed = _mask(mask, run.vae.data_shape, seed)
+    name, observed = _mask(mask, run.splits.data_shape, seed)
     folder = _output(out, run.folder / f"inpaint-{name}-{method}", ("inpaint.png", "inpaint.npz"), force)
     pyro.set_rng_seed(seed)
     x, index = _images(run, split, num)

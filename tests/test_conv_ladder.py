@@ -7,7 +7,7 @@ import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import Normal, kl_divergence
 
-from pyro_hvae import Categorical, ConvLadderVAE, HierarchicalELBO, log_likelihood
+from pyro_hvae import Categorical, ConvLadderVAE, CoupledLogisticMixture, HierarchicalELBO, log_likelihood
 from pyro_hvae.cells import (
     BottleneckBlock,
     DecoderCell,
@@ -88,6 +88,18 @@ def test_output_head_channels_reach_the_likelihood_value_by_value(monkeypatch):
     observation = vae.model.observation(torch.zeros(5, 8, 4, 4))
     assert observation.batch_shape == (5,) and observation.event_shape == (2, 8, 8)
     assert torch.equal(observation.base_dist.logits.argmax(-1), best.expand(5, 2, 8, 8))
+
+
+def test_coupled_colour_likelihood_gets_its_per_pixel_feature_maps():
+    # 8-bit RGB: 10 * M feature maps per pixel, read whole by the coupled mixture
+    likelihood = CoupledLogisticMixture(num_mixtures=2)
+    vae = tiny(data_shape=(3, 8, 8), likelihood=likelihood)
+    assert vae.model.head.out[-1].out_channels == likelihood.features_per_pixel(3) == 20
+    x = torch.randint(0, 256, (4, 3, 8, 8)).float() / 255
+    loss = HierarchicalELBO()(vae.model, vae.guide)(x)
+    assert torch.isfinite(loss)
+    observation = vae.model.observation(torch.zeros(4, 8, 4, 4))
+    assert observation.batch_shape == (4,) and observation.event_shape == (3, 8, 8)
 
 
 def random_residual_pair(shape=(2, 3, 4, 4), seed=0, delta_std=0.5):

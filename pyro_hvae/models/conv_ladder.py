@@ -190,9 +190,9 @@ class TopDownScale(nn.Module):
 
 
 class OutputHead(ImageBlock):
-    """``[width, h, w] -> [C * k, H, W]``: up-sampling to the image, ELU, a 3x3 conv; the
-    ``k = features_per_value`` outputs of each value are then laid out as the likelihood
-    expects (:meth:`ConvTopDownModel.observation`)."""
+    """``[width, h, w] -> [F, H, W]``: up-sampling to the image, ELU, a 3x3 conv, with
+    ``F H W = likelihood.num_features(data_shape)``; the likelihood's
+    :meth:`~pyro_hvae.likelihoods.Likelihood.features_from_map` lays the maps out."""
 
     def __init__(self, width: int, out_channels: int, factor: int):
         super().__init__()
@@ -230,7 +230,8 @@ class ConvTopDownModel(GenerativeModel):
             groups = [LatentGroup(width, layout.latent_channels[s], L) for _ in range(layout.groups[s])]
             scales.append(TopDownScale(enter, groups))
         self.scales = nn.ModuleList(scales)
-        channels = layout.data_shape[0] * self.likelihood.features_per_value
+        height, width = layout.data_shape[1:]
+        channels = self.likelihood.num_features(layout.data_shape) // (height * width)
         self.head = OutputHead(layout.widths[0], channels, layout.factors[0])
 
     @property
@@ -239,11 +240,8 @@ class ConvTopDownModel(GenerativeModel):
 
     def observation(self, state: torch.Tensor):
         """``p(x | z_{1:L})`` from the final state ``h_0``."""
-        out = self.head(state)  # [..., C * k, H, W]
-        k = self.likelihood.features_per_value
-        c, h, w = self.data_shape
-        per_value = out.reshape(*out.shape[:-3], c, k, h, w).movedim(-3, -1)  # [..., C, H, W, k]
-        return self.likelihood.distribution(per_value.flatten(-4), self.data_shape)
+        features = self.likelihood.features_from_map(self.head(state), self.data_shape)
+        return self.likelihood.distribution(features, self.data_shape)
 
     def forward(self, x: torch.Tensor | None = None, *, batch_size: int | None = None) -> torch.Tensor:
         """Run the generative program; returns ``x`` (observed, or sampled when ``x is None``)."""

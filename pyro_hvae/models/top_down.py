@@ -125,7 +125,7 @@ class TopDownModel(GenerativeModel):
         self.decoder = MLP(
             self.latent_dims[0],
             hidden_dims[::-1],
-            self.data_dim * self.likelihood.features_per_value,
+            self.likelihood.num_features(self.data_shape),
             activation=activation,
             batch_norm=batch_norm,
         )
