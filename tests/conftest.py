@@ -19,6 +19,16 @@ def fresh_pyro():
     pyro.settings.set(module_local_params=False)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks run fastest on one thread, and far faster than on two when the cores are busy:
+    a module uses it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (SHARED_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():

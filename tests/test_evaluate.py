@@ -25,13 +25,7 @@ SUMMARY_KEYS = {
 PER_EXAMPLE_KEYS = {"elbo", "log_likelihood", "khat", "ess_fraction", "kl_z_1", "kl_z_2", "index"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread, and far faster than on two when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,7 @@ from pyro_hvae.train import Trainer
 from pyro_hvae.use_run import inpaint_run, load_run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
