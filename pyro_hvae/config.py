@@ -55,6 +55,7 @@ __all__ = [
     "MODEL_KINDS",
     "ModelConfig",
     "OptimConfig",
+    "SpectralRegConfig",
     "TrainConfig",
     "architecture_changes",
     "data_stream_changes",
@@ -485,6 +486,35 @@ ModelConfig = Annotated[
 ]
 
 
+class SpectralRegConfig(_Section):
+    """Spectral regularization (NVAE): ``lambda(t) (sum_i sigma_max(W_i) + sum_j |gamma_j|_1)``
+    over every convolution and linear layer ``W_i`` and batch-norm scale ``gamma_j`` of the
+    hierarchy, added to the per-image loss; ``lambda(t)`` goes linearly from ``initial`` to
+    ``weight`` over ``steps`` steps (see :mod:`pyro_hvae.spectral`)."""
+
+    weight: NonNegativeFloat = Field(
+        description="lambda: the penalty's weight (after `steps` steps when `initial` is set). "
+        "NVAE uses about 0.01 to 0.1 for images; 0 with no `initial` = off.",
+    )
+    initial: Optional[NonNegativeFloat] = Field(
+        None,
+        description="lambda at step 0, moving linearly to `weight` at step `steps` "
+        "(null = `weight` from the start). Larger than `weight`: a strong pull early.",
+    )
+    steps: NonNegativeInt = Field(
+        0, description="Steps over which lambda goes from `initial` to `weight`."
+    )
+    iterations: PositiveInt = Field(
+        1,
+        description="Power-iteration steps per training step that estimate each sigma_max "
+        "(20 at the first step, from random vectors; the vectors are kept in last.pt).",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0 or bool(self.initial)
+
+
 class TrainConfig(_Section):
     """Objective, schedule, stabilisation and bookkeeping of training."""
 
@@ -538,6 +568,11 @@ class TrainConfig(_Section):
     )
     checkpoint_every: PositiveInt = Field(
         1000, description="Steps between checkpoints of the run."
+    )
+    spectral_reg: Optional[SpectralRegConfig] = Field(
+        None,
+        description="Spectral regularization of every layer, a mapping {weight, initial, "
+        "steps, iterations} (null = off). Its value per image is logged as `spectral_reg`.",
     )
 
 
