@@ -911,6 +911,14 @@ def _kinds(annotation: Any) -> dict[str, type[BaseModel]] | None:
     return {get_args(m.model_fields["kind"].annotation)[0]: m for m in members}
 
 
+def _optional_section(annotation: Any) -> type[BaseModel] | None:
+    """The section of an option typed ``Section`` or ``Optional[Section]``, else None."""
+    if get_origin(annotation) is Union:
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = members[0] if len(members) == 1 else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def _walk(loc: Sequence[str | int]) -> tuple[tuple[str | int, ...], type[BaseModel] | None]:
     """``loc`` without the union tags pydantic inserts (``("model", "custom", "x")`` is
     ``model.x``), and the section at its end (None when it ends at an option)."""
@@ -925,10 +933,8 @@ def _walk(loc: Sequence[str | int]) -> tuple[tuple[str | int, ...], type[BaseMod
         kinds = _kinds(annotation)
         if kinds is not None and parts and parts[0] in kinds:
             model = kinds[parts.pop(0)]
-        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
         else:
-            model = None
+            model = _optional_section(annotation)
     return tuple(shown), model
 
 
