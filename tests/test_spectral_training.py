@@ -96,3 +96,11 @@ def test_null_or_zero_is_off(tiny, tmp_path, setting):
     assert run("train", tiny, *LADDER, f"train.spectral_reg={setting}", "train.steps=10", "--out", out, "--device", "cpu").exit_code == 0
     assert "spectral_reg" not in train_records(out)[0]
     assert torch.load(out / "last.pt", weights_only=True)["spectral"] is None
+
+
+def test_a_misspelt_option_lists_the_valid_ones(tiny):
+    result = run("train", tiny, "train.spectral_reg={lambda: 0.1}", "--print-config")
+    assert result.exit_code == 2
+    missing, unknown = result.output.strip().splitlines()
+    assert missing.startswith("error: train.spectral_reg.weight: Field required")
+    assert unknown.startswith("error: train.spectral_reg.lambda: unknown option") and "weight, initial, steps, iterations" in unknown
