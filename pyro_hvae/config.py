@@ -401,9 +401,15 @@ class ConvLadderConfig(_PixelLikelihood):
             )
         return scales
 
-    @field_validator("groups_per_scale", "latent_channels", "widths")
+    @field_validator("groups_per_scale", "latent_channels", "widths", mode="wrap")
     @classmethod
-    def _one_per_scale(cls, value: int | list[int], info) -> int | list[int]:
+    def _one_per_scale(cls, value: Any, handler, info) -> int | list[int]:
+        try:
+            value = handler(value)
+        except ValidationError:  # one line, not one per member of the union
+            raise PydanticCustomError(
+                "per_scale", "expected an integer or a list of integers (one per scale, finest first)"
+            ) from None
         values = value if isinstance(value, list) else [value]
         fix = {
             "groups_per_scale": "give every scale at least one latent group",

@@ -89,6 +89,10 @@ def test_static_problems_are_one_line_each(tmp_path):
     assert groups.startswith("error: model.groups_per_scale: ") and "at least one latent group" in groups
     assert channels.startswith("error: model.latent_channels: ") and "has 3 entries but model.scales has 2" in channels
     assert widths.startswith("error: model.widths: ") and "multiples of 4" in widths
+    config.write_text(conv_config("scales: [14, 7], widths: abc, latent_channels: [1.5, 2]"))
+    channels, widths = error_lines(run("train", config, "--print-config"))  # one line each, not one per union member
+    assert channels.startswith("error: model.latent_channels: expected an integer or a list of integers")
+    assert widths.startswith("error: model.widths: expected an integer or a list of integers")
     config.write_text(conv_config("scales: [7, 14]"))
     (line,) = error_lines(run("train", config, "--print-config"))
     assert line.startswith("error: model.scales: ") and "strictly decreasing" in line
