@@ -499,8 +499,8 @@ class SpectralRegConfig(_Section):
     ``weight`` over ``steps`` steps (see :mod:`pyro_hvae.spectral`)."""
 
     weight: NonNegativeFloat = Field(
-        description="lambda: the penalty's weight (after `steps` steps when `initial` is set). "
-        "NVAE uses about 0.01 to 0.1 for images; 0 with no `initial` = off.",
+        description="lambda: the penalty's weight (after `steps` steps when `initial` is set); "
+        "0 with no `initial` = off. (Not `lambda`, a Python keyword.)",
     )
     initial: Optional[NonNegativeFloat] = Field(
         None,
