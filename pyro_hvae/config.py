@@ -47,6 +47,7 @@ __all__ = [
     "BottomUpConfig",
     "Config",
     "ConfigError",
+    "ConvLadderConfig",
     "CustomModelConfig",
     "DataConfig",
     "EvalConfig",
@@ -54,6 +55,7 @@ __all__ = [
     "MODEL_KINDS",
     "ModelConfig",
     "OptimConfig",
+    "SpectralRegConfig",
     "TrainConfig",
     "architecture_changes",
     "data_stream_changes",
@@ -345,6 +347,93 @@ class BottomUpConfig(_MLPHierarchy):
     )
 
 
+#: Width ratio of the conv ladder's bottleneck blocks (:data:`pyro_hvae.cells.BOTTLENECK_RATIO`,
+#: kept here so that reading a config needs no torch; a test checks they agree).
+CONV_WIDTH_MULTIPLE = 4
+
+
+class ConvLadderConfig(_PixelLikelihood):
+    """The convolutional ladder (NVAE / Very Deep VAE style, :class:`~pyro_hvae.ConvLadderVAE`):
+    spatial latent groups at several resolutions over one top-down state shared by model
+    and guide. Every option is the constructor's argument of the same name; the checks
+    that need the image size (scales that divide it) run when the model is built."""
+
+    kind: Literal["conv_ladder"] = Field(
+        description="'conv_ladder': the convolutional top-down hierarchy of spatial latent groups."
+    )
+    scales: list[PositiveInt] = Field(
+        min_length=1,
+        description="Resolutions (heights) of the latent groups, finest first: each divides "
+        "the one before it and the first divides the image height, e.g. [14, 7] for 28x28 "
+        "images or [16, 8, 4] for 32x32; widths follow the image's aspect ratio.",
+    )
+    groups_per_scale: Union[int, list[int]] = Field(
+        2,
+        description="Latent groups at each scale: one integer for all scales or one per "
+        "scale (finest first, like scales); their sum is the number of layers L.",
+    )
+    latent_channels: Union[int, list[int]] = Field(
+        8, description="Channels C of each group's [C, h, w] latent: one integer or one per scale."
+    )
+    widths: Union[int, list[int]] = Field(
+        64,
+        description=f"Channels of the top-down state and the encoder features: one integer or "
+        f"one per scale, each a multiple of {CONV_WIDTH_MULTIPLE} (the bottleneck blocks' ratio).",
+    )
+    encoder_cells: PositiveInt = Field(
+        1, description="NVAE encoder cells per scale on the bottom-up path."
+    )
+    likelihood: Literal["bernoulli", "categorical", "logistic_mixture", "coupled_logistic_mixture"] = Field(
+        "bernoulli",
+        description="Pixel likelihood p(x|z_1): 'bernoulli' for binarized images; for 8-bit "
+        "images (data.binarize: none) 'categorical' (num_levels classes), 'logistic_mixture' "
+        "(num_mixtures logistics per channel value) or 'coupled_logistic_mixture' (num_mixtures "
+        "logistics per pixel, colour channels coupled as in PixelCNN++).",
+    )
+
+    @field_validator("scales")
+    @classmethod
+    def _finest_first(cls, scales: list[int]) -> list[int]:
+        if any(fine <= coarse for fine, coarse in zip(scales, scales[1:])):
+            raise PydanticCustomError(
+                "scales_order",
+                "scales must be strictly decreasing (finest first, like z_1 .. z_L), e.g. [14, 7] for 28x28 images",
+            )
+        return scales
+
+    @field_validator("groups_per_scale", "latent_channels", "widths", mode="wrap")
+    @classmethod
+    def _one_per_scale(cls, value: Any, handler, info) -> int | list[int]:
+        try:
+            value = handler(value)
+        except ValidationError:  # one line, not one per member of the union
+            raise PydanticCustomError(
+                "per_scale", "expected an integer or a list of integers (one per scale, finest first)"
+            ) from None
+        values = value if isinstance(value, list) else [value]
+        fix = {
+            "groups_per_scale": "give every scale at least one latent group",
+            "latent_channels": "give every group at least one channel",
+            "widths": "e.g. 32 or 64",
+        }[info.field_name]
+        if any(v < 1 for v in values):
+            raise PydanticCustomError("per_scale", "must be positive integers; {fix}", {"fix": fix})
+        scales = info.data.get("scales")
+        if isinstance(value, list) and scales is not None and len(value) != len(scales):
+            raise PydanticCustomError(
+                "per_scale",
+                "has {n} entries but model.scales has {m}; give one per scale (finest first) or a single integer",
+                {"n": len(value), "m": len(scales)},
+            )
+        if info.field_name == "widths" and any(v % CONV_WIDTH_MULTIPLE for v in values):
+            raise PydanticCustomError(
+                "per_scale",
+                "must be multiples of {k} (the bottleneck blocks use width // {k} middle channels); {fix}",
+                {"k": CONV_WIDTH_MULTIPLE, "fix": fix},
+            )
+        return value
+
+
 #: A dotted import path ``package.module.Name`` or a file ``path/to/file.py:Name``.
 _CLASS_PATH = re.compile(r"^(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+|[^:]+\.py:[A-Za-z_]\w*)$")
 
@@ -386,7 +475,7 @@ class CustomModelConfig(_ModelSection):
 
 #: The configuration of each kind of hierarchy; adding a kind adds its class here
 #: (and its builder to :func:`pyro_hvae.models.build.build_model`).
-MODEL_KINDS: tuple[type[_ModelSection], ...] = (LadderConfig, BottomUpConfig, CustomModelConfig)
+MODEL_KINDS: tuple[type[_ModelSection], ...] = (LadderConfig, BottomUpConfig, ConvLadderConfig, CustomModelConfig)
 
 
 def _kind_of(value: Any) -> str | None:
@@ -401,6 +490,35 @@ ModelConfig = Annotated[
     Union[tuple(Annotated[kind, Tag(kind.model_fields["kind"].annotation.__args__[0])] for kind in MODEL_KINDS)],
     Discriminator(_kind_of),
 ]
+
+
+class SpectralRegConfig(_Section):
+    """Spectral regularization (NVAE): ``lambda(t) (sum_i sigma_max(W_i) + sum_j |gamma_j|_1)``
+    over every convolution and linear layer ``W_i`` and batch-norm scale ``gamma_j`` of the
+    hierarchy, added to the per-image loss; ``lambda(t)`` goes linearly from ``initial`` to
+    ``weight`` over ``steps`` steps (see :mod:`pyro_hvae.spectral`)."""
+
+    weight: NonNegativeFloat = Field(
+        description="lambda: the penalty's weight (after `steps` steps when `initial` is set); "
+        "0 with no `initial` = off. (Not `lambda`, a Python keyword.)",
+    )
+    initial: Optional[NonNegativeFloat] = Field(
+        None,
+        description="lambda at step 0, moving linearly to `weight` at step `steps` "
+        "(null = `weight` from the start). Larger than `weight`: a strong pull early.",
+    )
+    steps: NonNegativeInt = Field(
+        0, description="Steps over which lambda goes from `initial` to `weight`."
+    )
+    iterations: PositiveInt = Field(
+        1,
+        description="Power-iteration steps per training step that estimate each sigma_max "
+        "(20 at the first step, from random vectors; the vectors are kept in last.pt).",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0 or bool(self.initial)
 
 
 class TrainConfig(_Section):
@@ -456,6 +574,11 @@ class TrainConfig(_Section):
     )
     checkpoint_every: PositiveInt = Field(
         1000, description="Steps between checkpoints of the run."
+    )
+    spectral_reg: Optional[SpectralRegConfig] = Field(
+        None,
+        description="Spectral regularization of every layer, a mapping {weight, initial, "
+        "steps, iterations} (null = off). Its value per image is logged as `spectral_reg`.",
     )
 
 
@@ -794,6 +917,14 @@ def _kinds(annotation: Any) -> dict[str, type[BaseModel]] | None:
     return {get_args(m.model_fields["kind"].annotation)[0]: m for m in members}
 
 
+def _optional_section(annotation: Any) -> type[BaseModel] | None:
+    """The section of an option typed ``Section`` or ``Optional[Section]``, else None."""
+    if get_origin(annotation) is Union:
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = members[0] if len(members) == 1 else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def _walk(loc: Sequence[str | int]) -> tuple[tuple[str | int, ...], type[BaseModel] | None]:
     """``loc`` without the union tags pydantic inserts (``("model", "custom", "x")`` is
     ``model.x``), and the section at its end (None when it ends at an option)."""
@@ -808,10 +939,8 @@ def _walk(loc: Sequence[str | int]) -> tuple[tuple[str | int, ...], type[BaseMod
         kinds = _kinds(annotation)
         if kinds is not None and parts and parts[0] in kinds:
             model = kinds[parts.pop(0)]
-        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
         else:
-            model = None
+            model = _optional_section(annotation)
     return tuple(shown), model
 
 

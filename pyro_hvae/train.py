@@ -1,7 +1,8 @@
 """Training from a validated config: ``Trainer(cfg, run_dir).fit()``.
 
-The loop: draw a batch, set the KL warm-up weight, take one :class:`TrainStep`,
-step the learning-rate schedule; every ``log_every`` steps append a record of the means
+The loop: draw a batch, set the KL warm-up weight, take one :class:`TrainStep` (its
+loss with the spectral penalty of ``train.spectral_reg`` when configured), step the
+learning-rate schedule; every ``log_every`` steps append a record of the means
 over those steps to ``metrics.jsonl``; every ``eval_every`` steps evaluate on the validation split (with
 the EMA weights when configured), save image grids and, on a new best validation
 ELBO, ``best.pt``; every ``checkpoint_every`` steps save ``last.pt`` with everything a
@@ -24,7 +25,7 @@ from torch import nn
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from pyro_hvae.config import Config, dump_config
+from pyro_hvae.config import Config, ConfigError, dump_config
 from pyro_hvae.data import InMemoryLoader, Splits, load_splits
 from pyro_hvae.infer.elbo import HierarchicalELBO
 from pyro_hvae.infer.iw import log_likelihood
@@ -32,6 +33,7 @@ from pyro_hvae.infer.step import EMA, TrainStep, UpdateSkipper, kl_weight, warmu
 from pyro_hvae.models.build import build_hierarchy
 from pyro_hvae.models.protocol import Hierarchy, prior_means, reconstruction_means
 from pyro_hvae.run import MetricsLog, RunError, load_checkpoint, save_checkpoint, write_run_info
+from pyro_hvae.spectral import RegularizationSchedule, SpectralRegularizer
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -99,14 +101,32 @@ class Trainer:
         self.scheduler = self._lr_schedule()
         self.ema = EMA(self.vae, train.ema_decay) if train.ema_decay else None
         self.skipper = UpdateSkipper(train.skip_factor)
+        self.regularizer = self._spectral_regularizer()
         self.take_step = TrainStep(
             self.vae.model, self.vae.guide, self.vae, self.elbo, self.optimizer,
             grad_clip=train.grad_clip, skipper=self.skipper, ema=self.ema,
+            penalty=self._spectral_penalty if self.regularizer is not None else None,
         )
         self.loader = InMemoryLoader(self.splits.train, cfg.data.batch_size, shuffle=True, drop_last=True, seed=cfg.seed)
         self.step = 0
         self.best: dict[str, Any] = {"val_elbo": -math.inf, "step": None}
         self.stale_evaluations = 0
+
+    def _spectral_regularizer(self) -> SpectralRegularizer | None:
+        """``train.spectral_reg`` over every convolution, linear and batch-norm layer of
+        the hierarchy (model and guide), or ``None`` when off."""
+        spectral = self.cfg.train.spectral_reg
+        if spectral is None or not spectral.enabled:
+            return None
+        schedule = RegularizationSchedule(spectral.weight, initial=spectral.initial, steps=spectral.steps)
+        try:
+            return SpectralRegularizer(self.vae, schedule, iterations=spectral.iterations)
+        except ValueError as err:  # e.g. a custom hierarchy without such layers
+            raise ConfigError([f"train.spectral_reg: {err}; set train.spectral_reg: null"]) from None
+
+    def _spectral_penalty(self) -> torch.Tensor:
+        """The spectral penalty at the current step (added to the per-image loss)."""
+        return self.regularizer.loss(self.step)
 
     def _lr_schedule(self, last_step: int = -1) -> torch.optim.lr_scheduler.LambdaLR:
         """The warm-up and cosine decay of ``cfg.optim`` over ``train.steps``, where the
@@ -148,6 +168,7 @@ class Trainer:
             "best": dict(self.best),
             "stale_evaluations": self.stale_evaluations,
             "data": self.splits.describe(),
+            "spectral": self.regularizer.state_dict() if self.regularizer is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -175,6 +196,9 @@ class Trainer:
             group.update(initial_lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
         self.scheduler = self._lr_schedule(last_step=state["step"] - 1)
         self.skipper.load_state_dict(state["skipper"])
+        if self.regularizer is not None and state.get("spectral") is not None:
+            # the power iteration goes on from its vectors (a run that turns it on starts it afresh)
+            self.regularizer.load_state_dict(state["spectral"])
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if "cuda" in state["rng"] and self.device.type == "cuda":
@@ -285,7 +309,7 @@ class Trainer:
         def mean(values) -> float:
             return float(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).nanmean())
 
-        return {
+        record = {
             "kind": "train",
             "step": self.step,
             "elbo": mean(s.elbo for s in window),
@@ -298,6 +322,10 @@ class Trainer:
             "skipped_updates": self.skipper.skipped,
             "images_per_s": images_per_s,
         }
+        if self.regularizer is not None:
+            record["spectral_reg"] = mean(s.penalty for s in window)
+            record["spectral_lambda"] = self.regularizer.schedule(self.step - 1)
+        return record
 
     def _report(self, progress: tqdm, record: dict[str, Any]) -> None:
         kl = sum(record["kl"].values())

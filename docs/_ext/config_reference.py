@@ -135,7 +135,9 @@ class ConfigReference(SphinxDirective):
         section += _table(rows)
         return section
 
-    def _rows(self, model: type[BaseModel], schema: dict, prefix: str, where: str):
+    def _rows(self, model: type[BaseModel], schema: dict, prefix: str, where: str, defs: dict):
+        """One row per option of ``model``; an option that is itself a mapping of options
+        (e.g. ``train.spectral_reg``) is followed by the rows of its options."""
         rows = []
         for name, field in model.model_fields.items():
             if _sections(field.annotation):
@@ -147,7 +149,11 @@ class ConfigReference(SphinxDirective):
                 )
             default = field.get_default(call_default_factory=True)
             shown = "required" if default is PydanticUndefined else _default(to_jsonable_python(default))
-            rows.append((prefix + name, _type(schema["properties"][name]), shown, description))
+            nested = _optional_section(field.annotation)
+            kind = _type(schema["properties"][name]) if nested is None else "mapping or null"
+            rows.append((prefix + name, kind, shown, description))
+            if nested is not None:
+                rows += self._rows(nested, defs[nested.__name__], f"{prefix}{name}.", nested.__name__, defs)
         return rows
 
     def run(self) -> list[nodes.Node]:
@@ -155,13 +161,13 @@ class ConfigReference(SphinxDirective):
 
         self.env.note_dependency(__import__("pyro_hvae.config", fromlist=["_"]).__file__)
         schema = Config.model_json_schema()
-        sections = [self._section("top", "Top-level options", "", self._rows(Config, schema, "", "Config"))]
+        sections = [self._section("top", "Top-level options", "", self._rows(Config, schema, "", "Config", schema["$defs"]))]
         for name, field in Config.model_fields.items():
             kinds = _sections(field.annotation)
             for kind, model in kinds.items():
                 key, title = (f"{name}-{kind}", f"`{name}` (kind: {kind})") if kind else (name, f"`{name}`")
                 intro = _first_paragraph(model.__doc__)
-                rows = self._rows(model, schema["$defs"][model.__name__], f"{name}.", model.__name__)
+                rows = self._rows(model, schema["$defs"][model.__name__], f"{name}.", model.__name__, schema["$defs"])
                 sections.append(self._section(key, title, intro, rows))
         return sections
 
@@ -174,6 +180,13 @@ def _sections(annotation) -> dict[str, type[BaseModel]]:
     from pyro_hvae.config import _kinds
 
     return _kinds(annotation) or {}
+
+
+def _optional_section(annotation) -> type[BaseModel] | None:
+    """The options of an option that is a mapping of options (``Section`` or ``Optional[Section]``)."""
+    from pyro_hvae.config import _optional_section
+
+    return _optional_section(annotation)
 
 
 def setup(app):

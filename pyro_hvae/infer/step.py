@@ -6,6 +6,9 @@ forward is the negative ELBO, differentiable. Parameters live in their modules
 optimizer updates them: this skips the per-parameter optimizers and param-store
 bookkeeping of ``SVI`` + ``pyro.optim``, which cost most of Pyro's fixed overhead.
 
+An optional ``penalty()`` (e.g. spectral regularization, :mod:`pyro_hvae.spectral`)
+is added to the per-image loss: ``loss = -ELBO(x) / N + penalty()``.
+
 On top of the gradient: global norm clipping, skipping of updates whose gradient
 norm is non-finite or far above its recent level, and an optional exponential
 moving average (EMA) of the weights for evaluation.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +123,7 @@ class StepStats:
     kl: dict[str, torch.Tensor]
     grad_norm: float
     skipped: bool
+    penalty: torch.Tensor | None = None
 
 
 class TrainStep:
@@ -126,6 +131,7 @@ class TrainStep:
 
     :param module: the module holding every parameter (e.g. the VAE).
     :param elbo: the objective; its ``beta`` and ``free_bits`` may change between steps.
+    :param penalty: called once per step, a scalar added to the per-image loss.
     """
 
     def __init__(
@@ -139,8 +145,10 @@ class TrainStep:
         grad_clip: float | None,
         skipper: UpdateSkipper,
         ema: EMA | None = None,
+        penalty: Callable[[], torch.Tensor] | None = None,
     ):
         self.loss = elbo(model, guide)
+        self.penalty = penalty
         self.elbo = elbo
         self.module = module
         self.optimizer = optimizer
@@ -153,6 +161,9 @@ class TrainStep:
         buffers = [b.detach().clone() for b in self.module.buffers() if b.dtype.is_floating_point]
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(x) / x.shape[0]  # per image: clipping and skipping thresholds do not scale with the batch
+        penalty = self.penalty() if self.penalty is not None else None
+        if penalty is not None:
+            loss = loss + penalty
         loss.backward()
         max_norm = self.grad_clip if self.grad_clip is not None else math.inf
         grad_norm = float(nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
@@ -173,4 +184,5 @@ class TrainStep:
             kl=terms["kl"],
             grad_norm=grad_norm,
             skipped=skipped,
+            penalty=penalty.detach() if penalty is not None else None,
         )

@@ -35,21 +35,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyro_hvae.config import BottomUpConfig, ConfigError, CustomModelConfig, LadderConfig
-from pyro_hvae.likelihoods import Bernoulli, Categorical, Likelihood, LogisticMixture
+from pyro_hvae.config import BottomUpConfig, ConfigError, ConvLadderConfig, CustomModelConfig, LadderConfig
+from pyro_hvae.likelihoods import Bernoulli, Categorical, CoupledLogisticMixture, Likelihood, LogisticMixture
 from pyro_hvae.models.bottom_up import BottomUpVAE
+from pyro_hvae.models.conv_ladder import ConvLadderVAE
 from pyro_hvae.models.ladder import LadderVAE
 from pyro_hvae.models.protocol import Hierarchy, HierarchyError, check_interface, inspect_hierarchy
 
 __all__ = ["build_hierarchy", "build_likelihood", "build_model", "import_object"]
 
 
-def build_likelihood(cfg: LadderConfig | BottomUpConfig) -> Likelihood:
+def build_likelihood(cfg: LadderConfig | BottomUpConfig | ConvLadderConfig) -> Likelihood:
     """The pixel likelihood ``p(x | z_1)`` of a built-in kind."""
     if cfg.likelihood == "categorical":
         return Categorical(cfg.num_levels)
     if cfg.likelihood == "logistic_mixture":
         return LogisticMixture(cfg.num_mixtures)
+    if cfg.likelihood == "coupled_logistic_mixture":
+        return CoupledLogisticMixture(cfg.num_mixtures)
     return Bernoulli()
 
 
@@ -73,6 +76,30 @@ def _(cfg: LadderConfig, data_shape: Sequence[int]) -> nn.Module:
 @build_model.register
 def _(cfg: BottomUpConfig, data_shape: Sequence[int]) -> nn.Module:
     return BottomUpVAE(data_shape, cfg.latent_dims, cfg.hidden_dims, **_mlp_options(cfg))
+
+
+#: The options of ``kind: conv_ladder`` that :class:`ConvLadderVAE` takes by the same name.
+_CONV_OPTIONS = ("scales", "groups_per_scale", "latent_channels", "widths", "encoder_cells")
+
+
+@build_model.register
+def _(cfg: ConvLadderConfig, data_shape: Sequence[int]) -> nn.Module:
+    try:
+        return ConvLadderVAE(
+            data_shape, **{name: getattr(cfg, name) for name in _CONV_OPTIONS}, likelihood=build_likelihood(cfg)
+        )
+    except ValueError as err:  # the geometry does not fit the images: name the option
+        raise ConfigError([_conv_problem(str(err), data_shape)]) from None
+
+
+def _conv_problem(message: str, data_shape: Sequence[int]) -> str:
+    """The constructor's message as a config line: ``model.<option>...`` when it names one
+    (its messages start with the argument's name), else under ``model``."""
+    message = f"{message} (the images are {'x'.join(map(str, data_shape))})"
+    for name in _CONV_OPTIONS:
+        if message.startswith(name):
+            return f"model.{message}"
+    return f"model: {message}"
 
 
 @build_model.register
