@@ -543,6 +543,13 @@ class TrainConfig(_Section):
         description="Minimum KL in nats per latent layer (batch mean) below which "
         "its KL term is not penalised (0 = off).",
     )
+    kl_balancing: bool = Field(
+        False,
+        description="During KL warm-up (beta < 1), weight each latent group's KL term by "
+        "gamma_l, proportional to its batch-mean KL per latent unit and averaging 1 over "
+        "groups, so that groups with little KL are penalised less (NVAE's KL balancing; "
+        "logged as `kl_balance`). No effect after warm-up.",
+    )
     grad_clip: Optional[PositiveFloat] = Field(
         200.0,
         description="Clip the global norm of the gradient of the per-image loss "

@@ -92,6 +92,7 @@ class Trainer:
         self.elbo = HierarchicalELBO(
             train.num_particles,
             free_bits=train.free_bits,
+            kl_balancing=train.kl_balancing,
             analytic_kl=uses_analytic_kl(cfg, self.hierarchy),
             max_plate_nesting=self.hierarchy.max_plate_nesting,
         )
@@ -317,6 +318,7 @@ class Trainer:
             "reconstruction": mean(s.reconstruction for s in window),
             "kl": {name: mean(s.kl[name] for s in window) for name in sorted(window[-1].kl)},
             "beta": self.elbo.beta,
+            "kl_balance": {name: mean(s.kl_balance[name] for s in window) for name in sorted(window[-1].kl_balance)},
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": mean(s.grad_norm for s in window),
             "skipped_updates": self.skipper.skipped,

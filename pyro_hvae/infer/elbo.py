@@ -87,6 +87,13 @@ class _Term:
         mask = torch.as_tensor(mask, device=self.value.device).expand(self.value.shape)
         return (_per_data_point(mask.to(self.value.dtype), self.site, data_plate) > 0).sum()
 
+    def units(self, data_plate: str) -> int:
+        """``n_l``: the number of latent dimensions per data point (event dims times the
+        batch elements of one data point, over plates other than the data and particle plates)."""
+        ones = torch.ones(self.value.shape, dtype=self.value.dtype, device=self.value.device)
+        per_datum = _per_data_point(ones, self.site, data_plate)
+        return int(per_datum.reshape(-1)[0]) * self.site["fn"].event_shape.numel()
+
     def data_scale(self) -> torch.Tensor | float:
         """The site's scale, which must be one number for a per-data-point floor."""
         scale = self.site["scale"]
@@ -120,6 +127,9 @@ def _check_site_order(model_trace, guide_trace) -> None:
         )
 
 
+KL_BALANCING_EPS = 1e-2  # nats per latent unit added to every layer's KL when balancing
+
+
 class HierarchicalELBO(ELBO):
     """The ELBO with a separate, optionally warmed-up and floored KL per latent layer:
 
@@ -150,11 +160,27 @@ class HierarchicalELBO(ELBO):
     ``Trace_ELBO`` leaves out). A global latent (outside the data plate) is not floored:
     its KL, a single number for the whole data set, costs ``beta * KL``.
 
-    ``beta`` and ``free_bits`` are plain attributes: a training loop changes them
-    between steps. After each evaluation, ``terms`` holds detached per-data-point
+    With ``kl_balancing=True`` and while ``beta < 1`` (KL warm-up), each local layer's
+    KL term (floored or not) is further weighted by a coefficient (NVAE's KL balancing)
+
+    .. math::
+
+        \\gamma_l = L \\frac{\\overline{\\mathrm{KL}}_l / n_l + \\epsilon}
+            {\\sum_{j=1}^{L} \\big(\\overline{\\mathrm{KL}}_j / n_j + \\epsilon\\big)}
+
+    over the ``L`` layers in the data plate, where ``n_l`` is the number of latent
+    dimensions of layer ``l`` per data point, ``bar KL_l`` its scaled batch-mean KL
+    per data point (detached: ``gamma`` carries no gradient) and ``epsilon = 1e-2``
+    nats per unit. The ``gamma_l`` average to 1, so the KL keeps its scale; a layer
+    with little KL per unit is penalised less, which keeps it from collapsing while
+    ``beta`` is small. At ``beta = 1`` every ``gamma_l = 1``: the plain objective.
+
+    ``beta``, ``free_bits`` and ``kl_balancing`` are plain attributes: a training loop
+    changes them between steps. After each evaluation, ``terms`` holds detached per-data-point
     values, totals divided by ``N``: ``"reconstruction"`` (``E_q log p(x|z)``),
     ``"kl"`` (a dict over sites, in the order the model samples them, top first; a
-    global latent's entry is its share ``KL / N``) and ``"elbo"`` (reconstruction less
+    global latent's entry is its share ``KL / N``), ``"kl_balance"`` (the ``gamma_l`` by
+    site, an empty dict when balancing is off or ``beta = 1``) and ``"elbo"`` (reconstruction less
     the KLs and any guide-only ``log q``, without warm-up or free bits).
 
     Use it like any Pyro ELBO: ``SVI(model, guide, optim, HierarchicalELBO())`` or
@@ -170,6 +196,7 @@ class HierarchicalELBO(ELBO):
         *,
         beta: float = 1.0,
         free_bits: float = 0.0,
+        kl_balancing: bool = False,
         analytic_kl: bool = True,
         data_plate: str = "data",
         vectorize_particles: bool = True,
@@ -186,6 +213,7 @@ class HierarchicalELBO(ELBO):
             raise ValueError(f"free_bits must be >= 0 nats, got {free_bits}")
         self.beta = beta
         self.free_bits = free_bits
+        self.kl_balancing = kl_balancing
         self.analytic_kl = analytic_kl
         self.data_plate = data_plate
         self.terms: dict = {}
@@ -247,6 +275,20 @@ class HierarchicalELBO(ELBO):
             "the name of the plate over data points"
         )
 
+    def _balance(self, pair: _TracePair, kls: dict, num_data: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The KL balancing coefficients ``gamma_l`` of the local layers (class docstring),
+        or an empty dict when balancing is off or the warm-up is over."""
+        if not self.kl_balancing or self.beta >= 1:
+            return {}
+        local = [name for name, term in pair.kl.items() if term.local(self.data_plate)]
+        if not local:
+            return {}
+        per_unit = torch.stack(
+            [_detach(kls[name]) / num_data / pair.kl[name].units(self.data_plate) + KL_BALANCING_EPS for name in local]
+        )
+        gammas = len(local) * per_unit / per_unit.sum()
+        return dict(zip(local, gammas))
+
     def _score_term(self, pair: _TracePair, slopes: dict) -> torch.Tensor | float:
         """``sum_sites log q(z) * stop_grad(cost)`` over the score functions of ``pair``,
         where ``cost`` is the ELBO integrand with each KL weighted by ``beta`` times the
@@ -278,19 +320,22 @@ class HierarchicalELBO(ELBO):
         num_data = self._num_data(pairs[0])
         reconstruction = mean(lambda pair: sum(t.total(data) for t in pair.reconstruction.values()))
         guide_only = mean(lambda pair: sum(t.total(data) for t in pair.guide_only.values()))
-        kls, slopes, penalty = {}, {}, 0.0
+        kls = {name: mean(lambda pair: pair.kl[name].total(data)) for name in pairs[0].kl}
+        gammas = self._balance(pairs[0], kls, num_data)
+        slopes, penalty = {}, 0.0
         for name, term in pairs[0].kl.items():
-            kls[name] = mean(lambda pair: pair.kl[name].total(data))
-            slopes[name] = 1.0
+            gamma = gammas.get(name, 1.0)
+            slopes[name] = gamma
             if self.free_bits > 0 and term.local(data):
                 # the floor is in nats per data point: unscaled, particle-averaged KL of each point
                 per_datum = mean(lambda pair: _per_data_point(pair.kl[name].value, pair.kl[name].site, data))
                 active = term.active(data)
                 kl_mean = per_datum.sum() / active.clamp(min=1)
-                penalty = penalty + self.beta * term.data_scale() * active * kl_mean.clamp(min=self.free_bits)
-                slopes[name] = (kl_mean > self.free_bits).to(kl_mean.dtype).detach()
+                floored = term.data_scale() * active * kl_mean.clamp(min=self.free_bits)
+                penalty = penalty + self.beta * gamma * floored
+                slopes[name] = gamma * (kl_mean > self.free_bits).to(kl_mean.dtype).detach()
             else:
-                penalty = penalty + self.beta * kls[name]
+                penalty = penalty + self.beta * gamma * kls[name]
         loss = penalty - reconstruction + guide_only
         score = mean(lambda pair: self._score_term(pair, slopes))
         if torch.is_tensor(score):
@@ -299,6 +344,7 @@ class HierarchicalELBO(ELBO):
         self.terms = {
             "reconstruction": _detach(reconstruction) / num_data,
             "kl": {name: kl.detach() / num_data for name, kl in kls.items()},
+            "kl_balance": gammas,
             "elbo": _detach(elbo) / num_data,
         }
         return loss

@@ -20,7 +20,7 @@ import copy
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -124,13 +124,14 @@ class StepStats:
     grad_norm: float
     skipped: bool
     penalty: torch.Tensor | None = None
+    kl_balance: dict[str, torch.Tensor] = field(default_factory=dict)  # gamma_l while KL balancing acts
 
 
 class TrainStep:
     """One optimizer update of ``model``/``guide`` on a batch.
 
     :param module: the module holding every parameter (e.g. the VAE).
-    :param elbo: the objective; its ``beta`` and ``free_bits`` may change between steps.
+    :param elbo: the objective; its ``beta``, ``free_bits`` and ``kl_balancing`` may change between steps.
     :param penalty: called once per step, a scalar added to the per-image loss.
     """
 
@@ -185,4 +186,5 @@ class TrainStep:
             grad_norm=grad_norm,
             skipped=skipped,
             penalty=penalty.detach() if penalty is not None else None,
+            kl_balance=terms["kl_balance"],
         )
