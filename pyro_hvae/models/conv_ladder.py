@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import pyro
 import torch
 from pyro.poutine.guide import GuideMessenger
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pyro_hvae.cells import (
     BOTTLENECK_RATIO,
@@ -68,6 +70,29 @@ def _per_scale(name: str, value: int | Sequence[int], num_scales: int, fix: str)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be positive integers, got {value!r}; {fix}")
     return values
+
+
+@contextmanager
+def _buffers_kept(module: nn.Module):
+    """Leave ``module``'s buffers as they were on entry: the recomputation of a checkpointed
+    cell in the backward pass must not update the batch-norm running statistics twice."""
+    saved = [b.detach().clone() for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(module.buffers(), saved):
+                buffer.copy_(value)
+
+
+def run_cell(cell: nn.Module, x: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+    """``cell(x)``; with ``checkpointed`` (and gradients on) its activations are not kept
+    but recomputed in the backward pass (``torch.utils.checkpoint``), which gives the same
+    values and gradients: the cells are deterministic and batch norm normalises by the
+    batch, whose running statistics the recomputation leaves untouched."""
+    if not (checkpointed and torch.is_grad_enabled()):
+        return cell(x)
+    return checkpoint(cell, x, use_reentrant=False, context_fn=lambda: (nullcontext(), _buffers_kept(cell)))
 
 
 def _halvings(size: int) -> list[int]:
@@ -171,11 +196,12 @@ class LatentGroup(nn.Module):
         self.prior = SpatialPrior(width, latent_channels)
         self.project = PointwiseConv(latent_channels, width, output_scale=depth_scale)
         self.cell = DecoderCell(width, residual_scale=depth_scale)
+        self.checkpointed = False  # recompute the cell in the backward pass (run_cell)
 
     def forward(self, state: torch.Tensor, name: str) -> torch.Tensor:
         prior, state_from_prior = self.prior(state)
         z = pyro.sample(name, prior, infer={TOP_DOWN_STATE: state})
-        return self.cell(state + state_from_prior + self.project(z))
+        return run_cell(self.cell, state + state_from_prior + self.project(z), self.checkpointed)
 
 
 class TopDownScale(nn.Module):
@@ -276,12 +302,13 @@ class ConvEncoder(nn.Module):
             )
             for w_in, w, factor in zip(below, layout.widths, layout.factors)
         )
+        self.checkpointed = False  # recompute each scale's cells in the backward pass (run_cell)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         r = self.stem(2 * x - 1)
         features = []
         for scale in self.scales:
-            r = scale(r)
+            r = run_cell(scale, r, self.checkpointed)
             features.append(r)
         return features
 
@@ -391,6 +418,21 @@ class ConvLadderVAE(HierarchicalVAE):
     @property
     def layout(self) -> ConvLayout:
         return self.model.layout
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the decoder cell of every group and the encoder cells of every scale are
+        recomputed in the backward pass instead of keeping their activations (less memory,
+        about one more forward pass of the cells per step; same loss and gradients). Only
+        acts in training mode with gradients on."""
+        return self.guide.encoder.checkpointed
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.guide.encoder.checkpointed = on
+        for module in self.model.modules():
+            if isinstance(module, LatentGroup):
+                module.checkpointed = on
 
     def conv_layers(self) -> list[nn.Conv2d]:
         """Every convolution of model and guide (a hook for spectral regularization)."""
