@@ -550,6 +550,22 @@ class TrainConfig(_Section):
         "groups, so that groups with little KL are penalised less (NVAE's KL balancing; "
         "logged as `kl_balance`). No effect after warm-up.",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute the conv ladder's cells in the backward pass instead of "
+        "storing their activations: less memory, about a third more compute, the same "
+        "loss and gradients (model.kind: conv_ladder only).",
+    )
+    channels_last: bool = Field(
+        False,
+        description="Keep the weights and the training batches in channels-last memory "
+        "format (often faster convolutions on GPUs); the same model.",
+    )
+    bf16_autocast: bool = Field(
+        False,
+        description="Compute the training loss under bfloat16 autocast (CUDA devices "
+        "only; refused on CPU). Evaluation stays float32.",
+    )
     grad_clip: Optional[PositiveFloat] = Field(
         200.0,
         description="Clip the global norm of the gradient of the per-image loss "

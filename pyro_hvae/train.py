@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from pyro_hvae.config import Config, ConfigError, dump_config
+from pyro_hvae.config import Config, ConfigError, TrainConfig, dump_config
 from pyro_hvae.data import InMemoryLoader, Splits, load_splits
 from pyro_hvae.infer.elbo import HierarchicalELBO
 from pyro_hvae.infer.iw import log_likelihood
@@ -64,6 +64,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _check_speed_options(train: TrainConfig, vae: nn.Module, device: torch.device) -> None:
+    """Refuse memory and speed options that cannot act on this model or device."""
+    if train.gradient_checkpointing and not hasattr(vae, "gradient_checkpointing"):
+        raise TrainingError(
+            f"train.gradient_checkpointing: {type(vae).__name__} has no checkpointed cells; "
+            "use model.kind: conv_ladder or set train.gradient_checkpointing=false"
+        )
+    if train.bf16_autocast and device.type != "cuda":
+        raise TrainingError(
+            f"train.bf16_autocast needs a CUDA device, but training runs on {device.type}; "
+            "use --device cuda or set train.bf16_autocast=false"
+        )
+
+
 class Trainer:
     """Trains the hierarchy of ``cfg`` and writes the run folder ``run_dir``.
 
@@ -87,8 +101,12 @@ class Trainer:
         pyro.set_rng_seed(cfg.seed)  # before building: IAF networks draw their masks
         example = self.splits.train.batch(torch.arange(2), generator=torch.Generator().manual_seed(0))
         vae, self.hierarchy = build_hierarchy(cfg.model, self.splits.data_shape, example)
-        self.vae = vae.to(device)
         train, optim = cfg.train, cfg.optim
+        _check_speed_options(train, vae, device)
+        if train.gradient_checkpointing:
+            vae.gradient_checkpointing = True
+        self.memory_format = torch.channels_last if train.channels_last else torch.preserve_format
+        self.vae = vae.to(device, memory_format=self.memory_format)
         self.elbo = HierarchicalELBO(
             train.num_particles,
             free_bits=train.free_bits,
@@ -107,6 +125,7 @@ class Trainer:
             self.vae.model, self.vae.guide, self.vae, self.elbo, self.optimizer,
             grad_clip=train.grad_clip, skipper=self.skipper, ema=self.ema,
             penalty=self._spectral_penalty if self.regularizer is not None else None,
+            autocast=torch.bfloat16 if train.bf16_autocast else None,
         )
         self.loader = InMemoryLoader(self.splits.train, cfg.data.batch_size, shuffle=True, drop_last=True, seed=cfg.seed)
         self.step = 0
@@ -246,7 +265,7 @@ class Trainer:
         try:
             with pyro.settings.context(module_local_params=True):
                 while self.step < end and not stopped_early:
-                    x = next(batches).to(self.device, non_blocking=True)
+                    x = next(batches).to(self.device, non_blocking=True, memory_format=self.memory_format)
                     self.elbo.beta = kl_weight(self.step, train.kl_warmup_steps)
                     # Pyro's validation (shapes, supports) on the first step only: it costs time
                     with pyro.validation_enabled(first_step):

@@ -133,6 +133,8 @@ class TrainStep:
     :param module: the module holding every parameter (e.g. the VAE).
     :param elbo: the objective; its ``beta``, ``free_bits`` and ``kl_balancing`` may change between steps.
     :param penalty: called once per step, a scalar added to the per-image loss.
+    :param autocast: a dtype (``torch.bfloat16``) to compute the loss under ``torch.autocast``
+        on the batch's device; the backward pass and the update stay outside it.
     """
 
     def __init__(
@@ -147,6 +149,7 @@ class TrainStep:
         skipper: UpdateSkipper,
         ema: EMA | None = None,
         penalty: Callable[[], torch.Tensor] | None = None,
+        autocast: torch.dtype | None = None,
     ):
         self.loss = elbo(model, guide)
         self.penalty = penalty
@@ -156,12 +159,14 @@ class TrainStep:
         self.grad_clip = grad_clip
         self.skipper = skipper
         self.ema = ema
+        self.autocast = autocast
 
     def __call__(self, x: torch.Tensor) -> StepStats:
         # a skipped update must leave no trace: batch-norm statistics move in the forward pass
         buffers = [b.detach().clone() for b in self.module.buffers() if b.dtype.is_floating_point]
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(x) / x.shape[0]  # per image: clipping and skipping thresholds do not scale with the batch
+        with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            loss = self.loss(x) / x.shape[0]  # per image: clipping and skipping thresholds do not scale with the batch
         penalty = self.penalty() if self.penalty is not None else None
         if penalty is not None:
             loss = loss + penalty

@@ -423,8 +423,8 @@ class ConvLadderVAE(HierarchicalVAE):
     def gradient_checkpointing(self) -> bool:
         """Whether the decoder cell of every group and the encoder cells of every scale are
         recomputed in the backward pass instead of keeping their activations (less memory,
-        about one more forward pass of the cells per step; same loss and gradients). Only
-        acts in training mode with gradients on."""
+        about one more forward pass of the cells per step; same loss and gradients). Acts
+        only while autograd records (training), not under ``torch.no_grad()``."""
         return self.guide.encoder.checkpointed
 
     @gradient_checkpointing.setter
