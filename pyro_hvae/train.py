@@ -337,7 +337,10 @@ class Trainer:
             "reconstruction": mean(s.reconstruction for s in window),
             "kl": {name: mean(s.kl[name] for s in window) for name in sorted(window[-1].kl)},
             "beta": self.elbo.beta,
-            "kl_balance": {name: mean(s.kl_balance[name] for s in window) for name in sorted(window[-1].kl_balance)},
+            # over the steps of the window during which KL balancing acted (warm-up comes first)
+            "kl_balance": {
+                name: mean(s.kl_balance[name] for s in window if s.kl_balance) for name in sorted(window[0].kl_balance)
+            },
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": mean(s.grad_norm for s in window),
             "skipped_updates": self.skipper.skipped,

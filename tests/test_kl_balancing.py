@@ -90,13 +90,13 @@ def test_a_training_run_logs_the_coefficients_during_warm_up(data_root, tmp_path
     overrides = [
         "model.kind=conv_ladder", "model.scales=[7]", "model.groups_per_scale=2", "model.latent_channels=2",
         "model.widths=16", "data.batch_size=16", "data.val_size=20", "data.eval_batch_size=20",
-        "train.steps=6", "train.log_every=3", "train.eval_every=6", "train.kl_warmup_steps=4",
+        "train.steps=6", "train.log_every=3", "train.eval_every=6", "train.kl_warmup_steps=3",
         "optim.warmup_steps=2", "train.kl_balancing=true",
     ]
     result = CliRunner().invoke(main, ["train", str(config), *overrides, "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     records = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
-    during, after = records  # steps 1-3 (beta < 1), steps 4-6 (beta = 1 from step 4)
+    during, after = records  # steps 1-3 (beta < 1 at steps 1 and 2, 1 from step 3 on), steps 4-6
     assert sorted(during["kl_balance"]) == sorted(during["kl"])
     assert sum(during["kl_balance"].values()) / len(during["kl_balance"]) == pytest.approx(1.0, rel=1e-5)
     assert after["kl_balance"] == {}
