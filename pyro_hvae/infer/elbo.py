@@ -155,8 +155,8 @@ class HierarchicalELBO(ELBO):
     Any Pyro model/guide pair is handled as ``Trace_ELBO`` handles it. A guide site
     without ``rsample`` (a Bernoulli or Categorical latent) adds the score-function term
     ``log q(z) * stop_grad(cost)``, where the cost is the ELBO term by term, kept to the
-    plates of the site, each KL weighted by ``beta`` and by the slope of its floor (0
-    below it). A guide site the model lacks adds ``-log q`` (also to the cost, which
+    plates of the site, each KL weighted by ``beta``, by its KL balancing coefficient
+    (below; 1 when off) and by the slope of its floor (0 below it). A guide site the model lacks adds ``-log q`` (also to the cost, which
     ``Trace_ELBO`` leaves out). A global latent (outside the data plate) is not floored:
     its KL, a single number for the whole data set, costs ``beta * KL``.
 
@@ -291,8 +291,8 @@ class HierarchicalELBO(ELBO):
 
     def _score_term(self, pair: _TracePair, slopes: dict) -> torch.Tensor | float:
         """``sum_sites log q(z) * stop_grad(cost)`` over the score functions of ``pair``,
-        where ``cost`` is the ELBO integrand with each KL weighted by ``beta`` times the
-        slope of its floor, summed to the plates of the site (Rao-Blackwellization over
+        where ``cost`` is the ELBO integrand with each KL weighted by ``beta`` times
+        ``slopes`` (balancing coefficient times the slope of its floor), summed to the plates of the site (Rao-Blackwellization over
         plates, as in ``Trace_ELBO``)."""
         if not pair.scores:
             return 0.0
