@@ -292,8 +292,8 @@ class HierarchicalELBO(ELBO):
     def _score_term(self, pair: _TracePair, slopes: dict) -> torch.Tensor | float:
         """``sum_sites log q(z) * stop_grad(cost)`` over the score functions of ``pair``,
         where ``cost`` is the ELBO integrand with each KL weighted by ``beta`` times
-        ``slopes`` (balancing coefficient times the slope of its floor), summed to the plates of the site (Rao-Blackwellization over
-        plates, as in ``Trace_ELBO``)."""
+        ``slopes`` (balancing coefficient times the slope of its floor), summed to the
+        plates of the site (Rao-Blackwellization over plates, as in ``Trace_ELBO``)."""
         if not pair.scores:
             return 0.0
         cost = MultiFrameTensor()
