@@ -36,6 +36,14 @@ def data_root() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def tiny(data_root, tmp_path) -> Path:
+    """A tiny config file naming the real MNIST folder; a test adds the rest as overrides."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"name: tiny\ndata:\n  root: {data_root}\n")
+    return config
+
+
 @pytest.fixture(scope="session")
 def mnist_binary(data_root) -> torch.Tensor:
     """The first 512 real MNIST training digits, binarized once with a fixed seed: [512, 1, 28, 28]."""

@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from pyro_hvae import __version__
-from pyro_hvae.cli import main
 from pyro_hvae.config import load_config
 from pyro_hvae.data import load_splits
 from pyro_hvae.run import prepare_run_dir, read_metrics
 from pyro_hvae.train import Trainer, TrainingError
+from clirun import run
 
 TINY = [
     "model.latent_dims=[8,4]",
@@ -26,16 +25,6 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def tiny(data_root, tmp_path):
-    """A tiny config on real MNIST and a writable example file."""
-    config = tmp_path / "tiny.yaml"
-    config.write_text(f"name: tiny\ndata:\n  root: {data_root}\n")
-    return config
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_version_and_print_config(tiny):

@@ -5,15 +5,14 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from pyro_hvae import ConvLadderVAE
 from pyro_hvae.cells import BOTTLENECK_RATIO
-from pyro_hvae.cli import main
 from pyro_hvae.config import CONV_WIDTH_MULTIPLE, ConfigError, ConvLadderConfig, config_from_yaml, load_config
 from pyro_hvae.likelihoods import CoupledLogisticMixture
 from pyro_hvae.models.build import build_model
 from pyro_hvae.run import read_metrics
+from clirun import run
 
 #: A small conv ladder on binarized MNIST: two groups at 7x7 (4x down-sampling).
 TINY_CONV = [
@@ -39,9 +38,6 @@ def tiny(data_root, tmp_path):
     config.write_text(f"name: tiny_conv\ndata:\n  root: {data_root}\n")
     return config
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def error_lines(result) -> list[str]:

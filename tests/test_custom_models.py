@@ -6,13 +6,12 @@ import textwrap
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from pyro_hvae import BottomUpVAE, LadderVAE
-from pyro_hvae.cli import main
 from pyro_hvae.config import ConfigError, CustomModelConfig, architecture_changes, config_from_yaml, load_config
 from pyro_hvae.models.build import build_hierarchy, build_model
 from pyro_hvae.models.protocol import HierarchyError, inspect_hierarchy
+from clirun import run
 
 #: A user's module: a two-level top-down hierarchy as a plain nn.Module (no
 #: pyro_hvae base class), a builder function, and things that are not hierarchies.
@@ -210,9 +209,6 @@ TINY = [
     "eval.batch_size=50",
 ]
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_train_resume_evaluate_a_custom_hierarchy(user_module, data_root, tmp_path):

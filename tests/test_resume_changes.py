@@ -6,13 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from pyro_hvae.cli import main
 from pyro_hvae.config import load_config
 from pyro_hvae.infer.step import warmup_cosine
 from pyro_hvae.run import prepare_run_dir, read_metrics
 from pyro_hvae.train import Trainer
+from clirun import run
 
 BASE = [
     "device=cpu", "data.dataset=npz", "data.val_size=16", "data.batch_size=16", "data.eval_batch_size=16",
@@ -28,9 +27,6 @@ def data(tmp_path):
     np.savez(path, train=images, test=images[:8])
     return path
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def train_to(data, folder, steps, stop_at, *extra):

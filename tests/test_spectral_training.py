@@ -3,15 +3,14 @@ and continued exactly by --resume, for conv and MLP hierarchies alike."""
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from pyro_hvae.cli import main
 from pyro_hvae.config import load_config
 from pyro_hvae.data import load_splits
 from pyro_hvae.models.build import build_model
 from pyro_hvae.run import prepare_run_dir, read_metrics
 from pyro_hvae.spectral import SpectralRegularizer
 from pyro_hvae.train import Trainer
+from clirun import run
 
 CONV = [
     "model.kind=conv_ladder", "model.scales=[7]", "model.groups_per_scale=2", "model.latent_channels=2",
@@ -25,15 +24,6 @@ LADDER = [
 SPECTRAL = "train.spectral_reg={weight: 0.01, initial: 0.1, steps: 20}"
 
 
-@pytest.fixture
-def tiny(data_root, tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(f"name: tiny\ndata:\n  root: {data_root}\n")
-    return config
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def train_records(run_dir):

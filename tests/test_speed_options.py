@@ -90,12 +90,6 @@ def test_channels_last_gives_the_same_loss_and_gradients(vae, x):
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
-@pytest.fixture
-def tiny(data_root, tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(f"name: tiny\ndata:\n  root: {data_root}\n")
-    return config
-
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
