@@ -315,6 +315,23 @@ class _MLPHierarchy(_PixelLikelihood):
     activation: Literal["elu", "relu", "tanh", "silu"] = Field(
         "elu", description="Nonlinearity of the deterministic MLP blocks."
     )
+    output_bias: Literal["default", "data_mean"] = Field(
+        "default",
+        description="Initial bias of the decoder's output layer: 'default' (PyTorch's "
+        "initialisation) or 'data_mean' (logit of the training set's mean image, so that "
+        "p(x|z_1) starts at the average image; bernoulli likelihood only).",
+    )
+
+    @model_validator(mode="after")
+    def _data_mean_needs_bernoulli(self) -> "_MLPHierarchy":
+        if self.output_bias == "data_mean" and self.likelihood != "bernoulli":
+            raise _conflict(
+                ["output_bias", "likelihood"],
+                f"model.output_bias 'data_mean' sets Bernoulli logits and cannot start the "
+                f"'{self.likelihood}' likelihood: set model.output_bias: default, or "
+                f"model.likelihood: bernoulli with binarized data",
+            )
+        return self
 
 
 class LadderConfig(_MLPHierarchy):

@@ -205,6 +205,11 @@ class ImageDataset(Dataset):
         """Shape of one image, e.g. ``(1, 28, 28)``."""
         return tuple(self.images.shape[1:])
 
+    def mean(self) -> torch.Tensor:
+        """The mean image ``[C, H, W]``: each pixel's mean value (for dynamic binarization,
+        the probability of a 1)."""
+        return self.images.float().mean(0) / self.levels
+
     def batch(
         self, index: torch.Tensor, generator: Optional[torch.Generator] = None
     ) -> torch.Tensor:

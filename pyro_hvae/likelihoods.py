@@ -98,6 +98,13 @@ class Likelihood(ABC):
         params = features.reshape(features.shape[:-1] + tuple(data_shape) + (self.features_per_value,))
         return self._per_value(params).to_event(len(data_shape))
 
+    def features_for_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """Flat features whose distribution has mean ``mean`` (shape ``data_shape``): the
+        decoder output bias that starts ``p(x | z_1)`` at the data's mean image."""
+        raise NotImplementedError(
+            f"{self!r} has no features for a given mean image; use the Bernoulli likelihood"
+        )
+
     @abstractmethod
     def _per_value(self, params: torch.Tensor) -> TorchDistribution:
         """The distribution of each data value, from its ``features_per_value`` features."""
@@ -114,6 +121,11 @@ class Bernoulli(Likelihood):
 
     def _per_value(self, params: torch.Tensor) -> TorchDistribution:
         return dist.Bernoulli(logits=params.squeeze(-1))
+
+    def features_for_mean(self, mean: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+        """``f_d = logit(clamp(mean_d, eps, 1 - eps))``: pixels that are always 0 or 1 in
+        the data get a large but finite logit."""
+        return torch.logit(mean.clamp(eps, 1 - eps)).flatten()
 
     def check_support(self, x: torch.Tensor) -> None:
         if not bool(((x == 0) | (x == 1)).all()):

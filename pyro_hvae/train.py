@@ -101,6 +101,8 @@ class Trainer:
         pyro.set_rng_seed(cfg.seed)  # before building: IAF networks draw their masks
         example = self.splits.train.batch(torch.arange(2), generator=torch.Generator().manual_seed(0))
         vae, self.hierarchy = build_hierarchy(cfg.model, self.splits.data_shape, example)
+        if getattr(cfg.model, "output_bias", "default") == "data_mean":
+            vae.model.start_at_data_mean(self.splits.train.mean())
         train, optim = cfg.train, cfg.optim
         _check_speed_options(train, vae, device)
         if train.gradient_checkpointing:

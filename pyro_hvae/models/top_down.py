@@ -148,6 +148,14 @@ class TopDownModel(GenerativeModel):
         """``p(x | z_1)``."""
         return self.likelihood.distribution(self.decoder(z_1), self.data_shape)
 
+    @torch.no_grad()
+    def start_at_data_mean(self, data_mean: torch.Tensor) -> None:
+        """Set the decoder's output bias so that ``p(x | z_1)`` starts at the data's mean
+        image where the decoder's last hidden layer is zero: for Bernoulli pixels
+        ``b_d = logit(mean_d)``. Training then spends no early steps learning the average."""
+        output = self.decoder[-1]
+        output.bias.copy_(self.likelihood.features_for_mean(data_mean.to(output.bias)))
+
     def forward(self, x: torch.Tensor | None = None, *, batch_size: int | None = None) -> torch.Tensor:
         """Run the generative program; returns ``x`` (observed, or sampled when ``x is None``)."""
         num_data = self.batch_size_of(x, batch_size)
