@@ -189,9 +189,12 @@ def test_model_and_guide_share_one_top_down_state_per_step():
         if isinstance(module, counted):
             calls[name] = 0
             module.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
-    states_seen = {}
-    for layer, head in enumerate(vae.guide.posteriors, start=1):
-        head.register_forward_hook(lambda m, inputs, o, layer=layer: states_seen.__setitem__(f"z_{layer}", inputs[1]))
+    states_seen, states_made = [], []  # in site order z_L .. z_1
+    for head in vae.guide.posteriors:
+        head.register_forward_hook(lambda m, inputs, o: states_seen.append(inputs[1]))
+    for module in vae.model.modules():
+        if isinstance(module, SpatialPrior):
+            module.register_forward_hook(lambda m, inputs, o: states_made.append(inputs[0]))
 
     for num_particles in (1, 3):
         calls.update({name: 0 for name in calls})
@@ -199,11 +202,15 @@ def test_model_and_guide_share_one_top_down_state_per_step():
         loss_fn(binary_images(4, (1, 16, 16))).backward()
         assert calls and set(calls.values()) == {1}, {n: c for n, c in calls.items() if c != 1}
     assert len([name for name in calls if name.endswith(".cell")]) == vae.model.num_layers
-    # the guide conditioned on exactly the state the model computed for each site's prior
+    # the guide conditioned on exactly the state the model computed for each site's prior,
+    # and took it out of the site, so that the traces do not keep it alive
+    states_seen.clear(), states_made.clear()
     vae.guide(binary_images(4, (1, 16, 16)))
     model_trace, guide_trace = vae.guide.get_traces()
+    assert len(states_seen) == len(states_made) == vae.model.num_layers
+    assert all(seen is made for seen, made in zip(states_seen, states_made))
     for site in vae.latent_sites:
-        assert states_seen[site] is model_trace.nodes[site]["infer"][TOP_DOWN_STATE]
+        assert TOP_DOWN_STATE not in model_trace.nodes[site]["infer"]
         # each posterior is built around the model's own prior: its KL takes the residual form
         assert guide_trace.nodes[site]["fn"].base_dist.prior is model_trace.nodes[site]["fn"].base_dist
 

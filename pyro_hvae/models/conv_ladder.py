@@ -20,7 +20,7 @@ at each site it replaces the prior by the residual normal
           \\sigma_p \\cdot \\Delta\\sigma(h_l, r_{s(l)})\\big),
 
 reading ``h_l`` from the site (the model hands it over in the site's ``infer`` dict under
-:data:`TOP_DOWN_STATE`). The top-down state is therefore computed once per step, for
+:data:`TOP_DOWN_STATE`, and the guide takes it out again). The top-down state is therefore computed once per step, for
 model and guide together; the guide never re-runs the decoder.
 """
 
@@ -352,8 +352,10 @@ class ConvLadderGuide(GuideMessenger, nn.Module):
             del self._features
 
     def _pyro_sample(self, msg) -> None:
-        # The model hands over the state h_l with the site; get_posterior reads it.
-        self._state = msg["infer"].get(TOP_DOWN_STATE)
+        # The model hands over the state h_l with the site; get_posterior reads it. Taking
+        # it out of the site keeps the traces from holding every group's state until the
+        # loss is computed (the memory of an importance-weighted chunk).
+        self._state = msg["infer"].pop(TOP_DOWN_STATE, None)
         try:
             super()._pyro_sample(msg)
         finally:
