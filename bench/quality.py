@@ -66,6 +66,7 @@ def main() -> None:
         row = {
             "config": name,
             "dataset": args.dataset,
+            "seed": cfg.seed,
             "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
             "steps": summary["step"],
@@ -76,6 +77,7 @@ def main() -> None:
             "test_elbo": results["elbo"],
             "train_elbo": train_elbo(run_dir, cfg, splits),
             "active_units": results["active_units"],
+            "kl_per_layer": results["kl_per_layer"],
             "khat": results["khat"],
             "num_images": results["num_images"],
             "K": args.num_samples,
