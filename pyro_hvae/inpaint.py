@@ -21,6 +21,7 @@ draw of ``x`` read at the missing pixels (mask a pixel's channels together for
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -83,16 +84,31 @@ def check_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Inpainting:
-    """The filled images (observed pixels exactly those of ``x``) and, for ``mwg``, each image's
-    acceptance rate over the steps."""
+    """The filled images (observed pixels exactly those of ``x``); for ``mwg``, each image's
+    acceptance rate over the steps; and what the chain predicts for the missing pixels, from
+    the ``p(x | z_t)`` of its second half (the first is burn-in), per image:
+
+    * ``predictive_mean``: ``(1/T) sum_t E[x | z_t]``, the chain's estimate of ``E[x_m | x_o]``
+      (observed pixels are those of ``x``);
+    * ``missing_log_prob``: ``log (1/T) sum_t p(x_m | z_t)`` at the values ``x`` holds at the
+      missing pixels: when ``x`` is a complete image whose region was hidden (an evaluation),
+      the chain's predictive log-likelihood of the truth. Needs a likelihood with one
+      distribution per value (not :class:`~pyro_hvae.CoupledLogisticMixture`); else None.
+    """
 
     x: torch.Tensor
     acceptance_rate: torch.Tensor | None = None
+    predictive_mean: torch.Tensor | None = None
+    missing_log_prob: torch.Tensor | None = None
+
+
+def _model_trace(vae, x: torch.Tensor, z: Mapping[str, torch.Tensor]):
+    return poutine.trace(poutine.condition(vae.model, data=dict(z))).get_trace(x)
 
 
 def _log_joint(vae, x: torch.Tensor, z: Mapping[str, torch.Tensor]):
     """``log p(x, z)`` per image ``[N]``, and ``p(x | z)``."""
-    trace = poutine.trace(poutine.condition(vae.model, data=dict(z))).get_trace(x)
+    trace = _model_trace(vae, x, z)
     observed = getattr(vae, "observed_site", "x")
     sites = [*vae.latent_sites, observed]
     return sum(trace.nodes[s]["fn"].log_prob(trace.nodes[s]["value"]) for s in sites), trace.nodes[observed]["fn"]
@@ -111,17 +127,64 @@ def _where(condition: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.T
     return torch.where(condition.reshape(condition.shape + (1,) * (a.dim() - 1)), a, b)
 
 
+class _Prediction:
+    """Running averages of ``E[x | z_t]`` and ``p(x_m | z_t)`` over a chain's second half."""
+
+    def __init__(self, x: torch.Tensor, mask: torch.Tensor, num_steps: int):
+        self.x, self.mask = x, mask
+        self.steps_left_to_burn = num_steps // 2
+        self.means, self.log_probs = [], []
+
+    @property
+    def recording(self) -> bool:
+        """Whether the current step is past the burn-in."""
+        return self.steps_left_to_burn == 0
+
+    def summarize(self, observation) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``E[x | z]`` and, per image, ``log p(x_m | z)`` at ``x``'s values (None when the
+        likelihood has no distribution per value)."""
+        per_value = getattr(observation, "base_dist", None)
+        if per_value is None or per_value.batch_shape != self.x.shape:
+            return observation.mean, None
+        log_prob = per_value.log_prob(self.x).masked_fill(self.mask, 0.0)
+        return observation.mean, log_prob.flatten(1).sum(1, dtype=torch.float64)
+
+    def add(self, mean: torch.Tensor | None = None, log_prob: torch.Tensor | None = None) -> None:
+        """End a step, keeping its summary when past the burn-in."""
+        if not self.recording:
+            self.steps_left_to_burn -= 1
+            return
+        self.means.append(mean)
+        if log_prob is not None:
+            self.log_probs.append(log_prob)
+
+    def result(self, current: torch.Tensor, acceptance_rate: torch.Tensor | None = None) -> Inpainting:
+        mean = torch.where(self.mask, self.x, torch.stack(self.means).mean(0))
+        log_prob = None
+        if self.log_probs:
+            log_prob = torch.stack(self.log_probs).logsumexp(0) - math.log(len(self.log_probs))
+        return Inpainting(current, acceptance_rate, mean, log_prob)
+
+
 def pseudo_gibbs(vae, x: torch.Tensor, mask: torch.Tensor, num_steps: int) -> Inpainting:
     """``num_steps`` rounds of ``z ~ q(z | x)``, ``x_m ~ p(x_m | z)``."""
     current = torch.where(mask, x, vae.model(batch_size=x.shape[0]))
+    prediction = _Prediction(x, mask, num_steps)
+    observed = getattr(vae, "observed_site", "x")
     for _ in range(num_steps):
-        current = torch.where(mask, x, decode(vae, encode(vae, current), mean=False))
-    return Inpainting(current)
+        observation = _model_trace(vae, current, encode(vae, current)).nodes[observed]["fn"]
+        if prediction.recording:
+            prediction.add(*prediction.summarize(observation))
+        else:
+            prediction.add()
+        current = torch.where(mask, x, observation.sample())
+    return prediction.result(current)
 
 
 def metropolis_within_gibbs(vae, x: torch.Tensor, mask: torch.Tensor, num_steps: int) -> Inpainting:
     """``num_steps`` Metropolis-within-Gibbs steps targeting ``p(x_m, z | x_o)`` (module docstring)."""
     current = torch.where(mask, x, vae.model(batch_size=x.shape[0]))
+    prediction = _Prediction(x, mask, num_steps)
     z, _ = _log_guide(vae, current)
     accepted = torch.zeros(x.shape[0], device=x.device)
     for _ in range(num_steps):
@@ -132,10 +195,15 @@ def metropolis_within_gibbs(vae, x: torch.Tensor, mask: torch.Tensor, num_steps:
         log_ratio = (log_p_proposal - log_q_proposal) - (log_p - log_q)
         accept = torch.rand_like(log_ratio).log() < log_ratio
         z = {s: _where(accept, proposal[s], z[s]) for s in vae.latent_sites}
+        if prediction.recording:  # the summary of each image's p(x | z) at its new z
+            pairs = zip(prediction.summarize(observation_proposal), prediction.summarize(observation))
+            prediction.add(*(None if new is None else _where(accept, new, old) for new, old in pairs))
+        else:
+            prediction.add()
         draw = _where(accept, observation_proposal.sample(), observation.sample())
         current = torch.where(mask, x, draw)
         accepted += accept
-    return Inpainting(current, accepted / num_steps)
+    return prediction.result(current, accepted / num_steps)
 
 
 METHODS: dict[str, Callable[..., Inpainting]] = {"pseudo_gibbs": pseudo_gibbs, "mwg": metropolis_within_gibbs}
@@ -166,7 +234,8 @@ def inpaint(
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
     mask = check_mask(mask, x)
     if mask.all():
-        return Inpainting(x.clone())
+        nothing_missing = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        return Inpainting(x.clone(), predictive_mean=x.clone(), missing_log_prob=nothing_missing)
     return METHODS[method](vae, x, mask, num_steps)
 
 

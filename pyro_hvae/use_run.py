@@ -9,7 +9,8 @@ Each loads the run's evaluation weights (``best.pt``, else the EMA of ``last.pt`
     RUN/reconstruct-test/         reconstruct.png  original | reconstruction pairs, 4 per row
                                   reconstruct.npz  original, reconstruction, index
     RUN/inpaint-center-mwg/       inpaint.png      original | masked (grey) | filled triples, 4 per row
-                                  inpaint.npz      original, mask, filled, acceptance_rate, index
+                                  inpaint.npz      original, mask, filled, predictive_mean,
+                                                   missing_log_prob, acceptance_rate, index
 
 Arguments are checked before anything is computed; a bad one raises :class:`RunError`
 naming it, and an existing output folder is kept unless ``force``. Sampling at a temperature
@@ -209,9 +210,11 @@ def inpaint_run(
     observed = observed.to(x.device)
     result = inpaint(run.vae, x, observed, method=method, num_steps=num_steps)
     masked = torch.where(observed, x, torch.full_like(x, 0.5))
-    arrays = {"original": _numpy(x), "mask": _numpy(observed), "filled": _numpy(result.x), "index": _numpy(index)}
-    if result.acceptance_rate is not None:
-        arrays["acceptance_rate"] = _numpy(result.acceptance_rate)
+    arrays = {"original": _numpy(x), "mask": _numpy(observed), "filled": _numpy(result.x), "index": _numpy(index),
+              "predictive_mean": _numpy(result.predictive_mean)}
+    for optional in ("missing_log_prob", "acceptance_rate"):
+        if getattr(result, optional) is not None:
+            arrays[optional] = _numpy(getattr(result, optional))
     _write(folder, "inpaint", torch.stack([x, masked, result.x], 1).flatten(0, 1), 3 * 4, arrays)
     return folder
 

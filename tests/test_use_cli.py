@@ -69,7 +69,8 @@ def test_inpaint_keeps_observed_pixels_and_reports_acceptance(run_dir, tmp_path)
     with np.load(tmp_path / "inp" / "inpaint.npz") as arrays:
         mask, original, filled = arrays["mask"], arrays["original"], arrays["filled"]
         assert np.array_equal(filled[:, mask], original[:, mask])
-        assert arrays["acceptance_rate"].shape == (3,)
+        assert arrays["acceptance_rate"].shape == arrays["missing_log_prob"].shape == (3,)
+        assert np.array_equal(arrays["predictive_mean"][:, mask], original[:, mask])
     assert (tmp_path / "inp" / "inpaint.png").is_file()
 
 
