@@ -1,0 +1,88 @@
+"""How well trained hierarchies fill the centre 14x14 square of MNIST test digits.
+
+For each run, on the first ``--images`` test images (binarized once, generator seed 0), with
+the centre square hidden (``make_mask("center")``), per method:
+
+* **training mean**: the missing pixels predicted by the training set's mean image;
+* **encode-decode once**: ``inpaint(..., method="pseudo_gibbs", num_steps=1)``: the missing
+  pixels drawn from the model, one pass ``z ~ q(z | x)``, then ``p(x_m | z)``;
+* **pseudo-Gibbs** and **Metropolis-within-Gibbs** with ``--steps`` steps, predicting from
+  the second half of the chain.
+
+Two figures on the missing pixels: the mean squared error of the predictive mean
+(``Inpainting.predictive_mean``; for binary pixels the Brier score), averaged over
+pixels and images, and the predictive log-likelihood of the true pixels in nats per
+image (``Inpainting.missing_log_prob``, ``log (1/T) sum_t p(x_m | z_t)``), mean ± standard
+error over images; MwG's acceptance rate too. Writes ``OUT/inpaint-quality.json``.
+
+    python bench/inpaint_quality.py RUN [RUN ...] --images 1000 --steps 200 --out /tmp/inpaint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+from pyro_hvae import inpaint, make_mask
+from pyro_hvae.use_run import load_run
+
+
+def summary(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error over images."""
+    values = values.double()
+    return values.mean().item(), (values.std() / math.sqrt(len(values))).item()
+
+
+def measure(run_dir: Path, num_images: int, num_steps: int, seed: int) -> list[dict]:
+    run = load_run(run_dir)
+    test = run.splits.test
+    x = test.batch(torch.arange(min(num_images, len(test))), torch.Generator().manual_seed(0))
+    mask = make_mask("center", run.splits.data_shape)
+    missing = ~mask
+    mean_image = run.splits.train.mean()
+    rows = []
+
+    def row(method: str, predictive_mean, log_prob, seconds: float, acceptance=None) -> None:
+        mse = (predictive_mean - x)[:, missing].pow(2).mean(1)
+        rows.append({
+            "run": run.cfg.name, "method": method, "images": len(x), "steps": num_steps,
+            "mse": summary(mse), "missing_log_prob": summary(log_prob), "seconds": seconds,
+            "acceptance_rate": None if acceptance is None else acceptance.mean().item(),
+        })
+        print(f"{run.cfg.name:>24} {method:>20}: MSE {rows[-1]['mse'][0]:.4f}, "
+              f"log p(x_m) {rows[-1]['missing_log_prob'][0]:.2f} ± {rows[-1]['missing_log_prob'][1]:.2f}", flush=True)
+
+    start = time.perf_counter()
+    fill = mean_image.expand_as(x)
+    log_prob = torch.distributions.Bernoulli(probs=fill.clamp(1e-3, 1 - 1e-3)).log_prob(x)[:, missing].sum(1)
+    row("training mean", torch.where(mask, x, fill), log_prob, time.perf_counter() - start)
+    for method, steps, label in [("pseudo_gibbs", 1, "encode-decode once"), ("pseudo_gibbs", num_steps, "pseudo-Gibbs"),
+                                 ("mwg", num_steps, "Metropolis-within-Gibbs")]:
+        pyro.set_rng_seed(seed)
+        start = time.perf_counter()
+        result = inpaint(run.vae, x, mask, method=method, num_steps=steps)
+        row(label, result.predictive_mean, result.missing_log_prob, time.perf_counter() - start, result.acceptance_rate)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("inpaint-quality"))
+    args = parser.parse_args()
+    rows = [row for run in args.runs for row in measure(run, args.images, args.steps, args.seed)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "inpaint-quality.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
