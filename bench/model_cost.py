@@ -20,10 +20,14 @@ config's own data and reports
   update skipping, the optimizer, EMA and the spectral penalty; after warm-up, beta = 1)
   and **ms per image x sample** of that evaluation.
 
-Timings are interleaved: each of ``--repeats`` rounds times a block of ``--train-steps``
-training steps of every config in turn, then one evaluation of every config in turn;
-each figure is the median over rounds, and each ratio (conv / MLP on the same data set)
-the median of the per-round ratios, so that both sides of a ratio saw the same machine.
+Timings are interleaved: each of ``--repeats`` rounds times a block of training steps of
+every config in turn, then a block of evaluations of every config in turn, each block
+sized (after two warm-up calls) to last about ``--block-seconds``; each figure is the
+median over rounds, and each ratio (conv / MLP on the same data set) the median of the
+per-round ratios, so that both sides of a ratio saw the same machine. On the CPU the
+figures are this process's CPU time (``time.process_time``; run it with one torch
+thread), which leaves out the time spent waiting for a core on a shared machine; the
+wall-clock figures are in the JSON too. On a GPU they are wall clock.
 Writes ``OUT/model_cost.json`` and prints a markdown table.
 
     PYRO_HVAE_DATA=../shared/data OMP_NUM_THREADS=1 python bench/model_cost.py --out /tmp/cost
@@ -81,6 +85,18 @@ def iw_flops(vae: torch.nn.Module, x: torch.Tensor, num_samples: int, chunk_size
             p.requires_grad_(flag)
 
 
+def timed(run, reps: int, units: int, sync) -> tuple[float, float]:
+    """``(wall ms, CPU ms)`` per unit of ``reps`` calls of ``run()`` that do ``units`` units each.
+    CPU time is this process's (``time.process_time``): on a shared machine with one torch
+    thread it leaves out the time spent waiting for a core."""
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(reps):
+        run()
+    sync()
+    return 1e3 * (time.perf_counter() - wall) / (reps * units), 1e3 * (time.process_time() - cpu) / (reps * units)
+
+
 class Subject:
     """One config's trainer, its training batches and its evaluation images."""
 
@@ -91,13 +107,15 @@ class Subject:
         self.trainer = Trainer(self.cfg, run_dir, device=self.device)
         self.trainer.elbo.beta = 1.0  # after the KL warm-up
         batches = self.trainer.loader.forever()
-        self.batches = [next(batches).to(self.device) for _ in range(args.train_steps)]
+        self.batches = [next(batches).to(self.device) for _ in range(4)]
+        self.next_batch = 0
         test = self.trainer.splits.test
         self.eval_x = test.batch(torch.arange(args.eval_images)).to(self.device)
         self.K = args.num_samples
         vae = self.trainer.vae
         self.chunk_size = fitting_chunk_size(vae, self.eval_x, self.K, default_memory_budget(self.device))
         self.data_plate = self.trainer.hierarchy.data_plate
+        self.train_reps = self.eval_reps = 1
 
     @property
     def batch_size(self) -> int:
@@ -113,40 +131,46 @@ class Subject:
             "iw_mflop_per_image_sample": sample / (self.eval_x.shape[0] * self.K) / 1e6,
         }
 
-    def time_train(self, sync) -> float:
+    def train_step(self) -> None:
+        self.trainer.take_step(self.batches[self.next_batch])
+        self.next_batch = (self.next_batch + 1) % len(self.batches)
+
+    def estimate(self) -> None:
+        with torch.no_grad():
+            log_likelihood(self.trainer.vae.model, self.trainer.vae.guide, self.eval_x, num_samples=self.K,
+                           chunk_size=self.chunk_size, data_plate=self.data_plate)
+
+    def time_train(self, sync) -> tuple[float, float]:
         """ms per image of a block of training steps."""
         self.trainer.vae.train()
-        sync()
-        start = time.perf_counter()
-        for x in self.batches:
-            self.trainer.take_step(x)
-        sync()
-        return 1e3 * (time.perf_counter() - start) / (len(self.batches) * self.batch_size)
+        return timed(self.train_step, self.train_reps, self.batch_size, sync)
 
-    def time_eval(self, sync) -> float:
-        """ms per image x sample of one importance-weighted estimate of the evaluation images."""
-        vae = self.trainer.vae
-        vae.eval()
-        sync()
-        start = time.perf_counter()
-        with torch.no_grad():
-            log_likelihood(vae.model, vae.guide, self.eval_x, num_samples=self.K, chunk_size=self.chunk_size,
-                           data_plate=self.data_plate)
-        sync()
-        return 1e3 * (time.perf_counter() - start) / (self.eval_x.shape[0] * self.K)
+    def time_eval(self, sync) -> tuple[float, float]:
+        """ms per image x sample of a block of importance-weighted estimates of the evaluation images."""
+        self.trainer.vae.eval()
+        return timed(self.estimate, self.eval_reps, self.eval_x.shape[0] * self.K, sync)
+
+    def size_blocks(self, seconds: float, sync, clock: int) -> None:
+        """Warm up, then choose how many calls make a block of about ``seconds`` each (on
+        ``clock``: 0 wall, 1 CPU), so that the configs' blocks are of similar length."""
+        for _ in range(2):
+            train_ms, eval_ms = self.time_train(sync)[clock], self.time_eval(sync)[clock]
+        self.train_reps = max(1, round(seconds * 1e3 / (train_ms * self.batch_size)))
+        self.eval_reps = max(1, round(seconds * 1e3 / (eval_ms * self.eval_x.shape[0] * self.K)))
 
 
 def measure(args) -> dict:
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock = 0 if cuda else 1  # the figures: wall clock on a GPU, this process's CPU time on the CPU
     with tempfile.TemporaryDirectory() as tmp, pyro.settings.context(module_local_params=True), \
             pyro.validation_enabled(False):
         subjects = [Subject(name, args, Path(tmp) / name) for name in args.configs]
         rows = {s.name: {"config": s.name, "dataset": s.cfg.data.dataset, "kind": s.cfg.model.kind,
                          "batch_size": s.batch_size, "eval_images": s.eval_x.shape[0], "K": s.K,
                          "chunk_size": s.chunk_size, **s.count()} for s in subjects}
-        for s in subjects:  # warm-up
-            s.time_train(sync)
-            s.time_eval(sync)
+        for s in subjects:
+            s.size_blocks(args.block_seconds, sync, clock)
         train = {s.name: [] for s in subjects}
         iw = {s.name: [] for s in subjects}
         for _ in range(args.repeats):
@@ -154,26 +178,32 @@ def measure(args) -> dict:
                 train[s.name].append(s.time_train(sync))
             for s in subjects:
                 iw[s.name].append(s.time_eval(sync))
+        for s in subjects:
+            rows[s.name].update(train_steps_per_block=s.train_reps, estimates_per_block=s.eval_reps)
     for name, row in rows.items():
-        row["train_ms_per_image"] = statistics.median(train[name])
-        row["iw_ms_per_image_sample"] = statistics.median(iw[name])
+        row["train_ms_per_image"] = statistics.median(t[clock] for t in train[name])
+        row["iw_ms_per_image_sample"] = statistics.median(t[clock] for t in iw[name])
+        row["wall_train_ms_per_image"] = statistics.median(t[0] for t in train[name])
+        row["wall_iw_ms_per_image_sample"] = statistics.median(t[0] for t in iw[name])
     ratios = {}
     for conv in rows.values():
         mlps = [r for r in rows.values() if r["dataset"] == conv["dataset"] and r["kind"] != "conv_ladder"]
         if conv["kind"] != "conv_ladder" or not mlps:
             continue
         mlp = mlps[0]
+
+        def paired(times):
+            return statistics.median(c[clock] / m[clock] for c, m in zip(times[conv["config"]], times[mlp["config"]]))
+
         ratios[conv["dataset"]] = {
-            "conv": conv["config"], "mlp": mlp["config"],
-            "train_ms": statistics.median(c / m for c, m in zip(train[conv["config"]], train[mlp["config"]])),
-            "iw_ms": statistics.median(c / m for c, m in zip(iw[conv["config"]], iw[mlp["config"]])),
+            "conv": conv["config"], "mlp": mlp["config"], "train_ms": paired(train), "iw_ms": paired(iw),
             "train_forward_flops": conv["train_forward_mflop_per_image"] / mlp["train_forward_mflop_per_image"],
             "iw_flops": conv["iw_mflop_per_image_sample"] / mlp["iw_mflop_per_image_sample"],
         }
     return {
-        "device": args.device, "threads": torch.get_num_threads(), "repeats": args.repeats,
-        "train_steps_per_block": args.train_steps, "torch": torch.__version__, "pyro": pyro.__version__,
-        "rows": list(rows.values()), "conv_over_mlp": ratios,
+        "device": args.device, "clock": "wall" if cuda else "process CPU time", "threads": torch.get_num_threads(),
+        "repeats": args.repeats, "block_seconds": args.block_seconds, "torch": torch.__version__,
+        "pyro": pyro.__version__, "rows": list(rows.values()), "conv_over_mlp": ratios,
     }
 
 
@@ -201,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="names of examples/*.yaml")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
-    parser.add_argument("--train-steps", type=int, default=3, help="training steps per timed block")
+    parser.add_argument("--block-seconds", type=float, default=1.0, help="length of each timed block")
     parser.add_argument("--eval-images", type=int, default=10, help="test images per timed evaluation")
     parser.add_argument("-K", "--num-samples", type=int, default=100, help="importance samples per image")
     parser.add_argument("--device", default="cpu")
@@ -210,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     result = measure(args)
     print(f"device {result['device']}, {result['threads']} torch threads, torch {result['torch']}, "
-          f"pyro {result['pyro']}; {args.repeats} interleaved rounds, median")
+          f"pyro {result['pyro']}; {args.repeats} interleaved rounds, median; ms of {result['clock']}")
     print(markdown(result))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
