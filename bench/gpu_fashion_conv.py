@@ -226,7 +226,7 @@ def run(args) -> dict:
     val_elbo_figure(metrics, out / "val_elbo_vs_time.png",
                     f"{cfg.name} on {device.type}: {summary['step']} steps in {summary['train_seconds'] / 60:.1f} min")
     results.update(status="evaluating", train=summary,
-                   val_curve=[[r["elapsed_s"], r["step"], r["val_elbo"]] for r in metrics if r["kind"] == "eval"])
+                   val_curve=[[r["elapsed_s"], r["step"], r["val_elbo"]] for r in metrics if "val_elbo" in r])
     write_json(out / "results.json", results)
     print(f"trained: {summary['step']} steps in {summary['train_seconds'] / 60:.2f} min, best validation ELBO "
           f"{summary['best_val_elbo']:.2f} at step {summary['best_step']}", file=sys.stderr, flush=True)
