@@ -615,6 +615,15 @@ class TrainConfig(_Section):
     checkpoint_every: PositiveInt = Field(
         1000, description="Steps between checkpoints of the run."
     )
+    max_minutes: Optional[PositiveFloat] = Field(
+        None,
+        description="Wall-clock budget of training in minutes, evaluations included and "
+        "counted over resumes (`elapsed_s` in the records): once spent, training stops "
+        "after one last validation evaluation, so that best.pt is chosen among all the "
+        "weights trained, and a checkpoint (null = no limit). The learning-rate schedule "
+        "still spans train.steps: set train.steps to about what fits the budget for a "
+        "schedule that ends with it.",
+    )
     spectral_reg: Optional[SpectralRegConfig] = Field(
         None,
         description="Spectral regularization of every layer, a mapping {weight, initial, "

@@ -6,7 +6,9 @@ learning-rate schedule; every ``log_every`` steps append a record of the means
 over those steps to ``metrics.jsonl``; every ``eval_every`` steps evaluate on the validation split (with
 the EMA weights when configured), save image grids and, on a new best validation
 ELBO, ``best.pt``; every ``checkpoint_every`` steps save ``last.pt`` with everything a
-resumed run needs to continue exactly as if never stopped.
+resumed run needs to continue exactly as if never stopped. With ``train.max_minutes``
+the loop also stops once that much wall-clock time has passed (``elapsed_s`` in every
+record), after a last validation evaluation of the weights it ends with.
 """
 
 from __future__ import annotations
@@ -133,6 +135,8 @@ class Trainer:
         self.step = 0
         self.best: dict[str, Any] = {"val_elbo": -math.inf, "step": None}
         self.stale_evaluations = 0
+        #: wall-clock seconds of training so far, evaluations included, over resumes
+        self.train_seconds = 0.0
 
     def _spectral_regularizer(self) -> SpectralRegularizer | None:
         """``train.spectral_reg`` over every convolution, linear and batch-norm layer of
@@ -189,6 +193,7 @@ class Trainer:
             "rng": rng,
             "best": dict(self.best),
             "stale_evaluations": self.stale_evaluations,
+            "train_seconds": self.train_seconds,
             "data": self.splits.describe(),
             "spectral": self.regularizer.state_dict() if self.regularizer is not None else None,
         }
@@ -228,6 +233,7 @@ class Trainer:
         self.step = state["step"]
         self.best = dict(state["best"])
         self.stale_evaluations = state["stale_evaluations"]
+        self.train_seconds = state.get("train_seconds", 0.0)  # a last.pt from before the budget existed: 0
 
     def save_last(self) -> None:
         save_checkpoint(self.run_dir / "last.pt", self.state_dict())
@@ -249,9 +255,11 @@ class Trainer:
     # ---------------------------------------------------------------- loop
 
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
-        """Train until ``train.steps`` (or ``stop_at``, or early stopping); return a summary."""
+        """Train until ``train.steps`` (or ``stop_at``, early stopping, or the end of
+        ``train.max_minutes``); return a summary."""
         train = self.cfg.train
         end = train.steps if stop_at is None else min(stop_at, train.steps)
+        budget = None if train.max_minutes is None else 60.0 * train.max_minutes
         if self.step == 0:
             info = {"overrides": self.overrides, "device": str(self.device), "data": self.splits.describe()}
             write_run_info(self.run_dir, dump_config(self.cfg), info)
@@ -259,14 +267,15 @@ class Trainer:
         log = MetricsLog(self.run_dir / "metrics.jsonl", self.run_dir / "tensorboard", start_step=self.step)
         progress = tqdm(total=train.steps, initial=self.step, disable=not sys.stderr.isatty(), dynamic_ncols=True)
         batches = self.loader.forever()
-        stopped_early = False
+        stopped_early = out_of_time = False
         window: list = []  # the StepStats since the last log line
         window_start, consecutive_skips = time.perf_counter(), 0
+        clock_start, seconds_before = time.perf_counter(), self.train_seconds
         first_step = True
         self.vae.train()
         try:
             with pyro.settings.context(module_local_params=True):
-                while self.step < end and not stopped_early:
+                while self.step < end and not stopped_early and not out_of_time:
                     x = next(batches).to(self.device, non_blocking=True, memory_format=self.memory_format)
                     self.elbo.beta = kl_weight(self.step, train.kl_warmup_steps)
                     # Pyro's validation (shapes, supports) on the first step only: it costs time
@@ -278,15 +287,17 @@ class Trainer:
                     window.append(stats)
                     consecutive_skips = consecutive_skips + 1 if stats.skipped else 0
                     self._check_divergence(stats, consecutive_skips)
-                    if self.step % train.log_every == 0 or self.step == end:
+                    self.train_seconds = seconds_before + time.perf_counter() - clock_start
+                    out_of_time = budget is not None and self.train_seconds >= budget
+                    if self.step % train.log_every == 0 or self.step == end or out_of_time:
                         elapsed = time.perf_counter() - window_start
                         record = self._train_record(window, len(window) * x.shape[0] / max(elapsed, 1e-9))
                         log.write(record)
                         self._report(progress, record)
                         window, window_start = [], time.perf_counter()
-                    if self.step % train.eval_every == 0 or self.step == train.steps:
+                    if self.step % train.eval_every == 0 or self.step == train.steps or out_of_time:
                         stopped_early = self._evaluate_and_keep_best(log)
-                    if self.step % train.checkpoint_every == 0 or self.step == end or stopped_early:
+                    if self.step % train.checkpoint_every == 0 or self.step == end or stopped_early or out_of_time:
                         self.save_last()
         finally:
             progress.close()
@@ -297,6 +308,8 @@ class Trainer:
             "best_val_elbo": self.best["val_elbo"],
             "best_step": self.best["step"],
             "stopped_early": stopped_early,
+            "stopped_for_time": out_of_time,
+            "train_seconds": self.train_seconds,
             "skipped_updates": self.skipper.skipped,
         }
 
@@ -347,6 +360,7 @@ class Trainer:
             "grad_norm": mean(s.grad_norm for s in window),
             "skipped_updates": self.skipper.skipped,
             "images_per_s": images_per_s,
+            "elapsed_s": self.train_seconds,
         }
         if self.regularizer is not None:
             record["spectral_reg"] = mean(s.penalty for s in window)
@@ -383,7 +397,7 @@ class Trainer:
             self.save_best(metrics)
         else:
             self.stale_evaluations += 1
-        log.write({"kind": "eval", "step": self.step, **metrics, "best": improved})
+        log.write({"kind": "eval", "step": self.step, "elapsed_s": self.train_seconds, **metrics, "best": improved})
         patience = self.cfg.train.early_stopping_patience
         return patience is not None and self.stale_evaluations >= patience
 
