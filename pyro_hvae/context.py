@@ -56,6 +56,13 @@ class ContextEncoder(nn.Module):
     map_channels: tuple[int, ...] = ()
     from_data: bool = False
 
+    @property
+    def known(self) -> torch.Tensor | None:
+        """A boolean mask of one data point's shape, True at the values the context fixes
+        (the observed border), which a model then takes from the context rather than
+        explaining them; None when the context fixes no value of the data."""
+        return None
+
     def encode(self, context: torch.Tensor) -> ContextFeatures:
         raise NotImplementedError
 
@@ -132,6 +139,11 @@ class BorderEncoder(ContextEncoder):
         self.to_vector = nn.Sequential(nn.Linear(channels[-1] * coarse, feature_dim), act())
         self.feature_dim = feature_dim
         self.map_channels = tuple(channels)
+
+    @property
+    def known(self) -> torch.Tensor:
+        """The border: ``mask``."""
+        return self.mask
 
     def border(self, images: torch.Tensor) -> torch.Tensor:
         """``[x * b, b]``: the observed pixels, the hidden ones set to 0, and the mask as a channel."""

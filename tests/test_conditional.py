@@ -49,9 +49,13 @@ def test_the_likelihood_explains_the_hidden_pixels_only():
     hidden = ~vae.mask
     assert vae.observed_dims == int(hidden.sum()) == 16  # the centre 4x4 of 8x8
     site = poutine.trace(vae.model).get_trace(x).nodes["x"]
-    logits = site["fn"].base_dist.base_dist.logits
-    per_pixel = torch.distributions.Bernoulli(logits=logits).log_prob(x)
+    per_pixel = torch.distributions.Bernoulli(logits=site["fn"].base.logits).log_prob(x)
     assert torch.allclose(site["fn"].log_prob(x), per_pixel[:, hidden].sum(1))
+    # the border is known: means and draws keep it, the hidden pixels come from the model
+    draws = site["fn"].sample((3,))
+    assert draws.shape == (3, 4, *SHAPE) and torch.equal(draws[:, :, vae.mask], x[:, vae.mask].expand(3, -1, -1))
+    assert torch.equal(site["fn"].mean[:, vae.mask], x[:, vae.mask])
+    assert torch.allclose(site["fn"].mean[:, hidden], torch.sigmoid(site["fn"].base.logits)[:, hidden])
 
 
 def test_different_borders_give_different_priors():

@@ -35,7 +35,9 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.poutine.guide import GuideMessenger
+from torch.distributions import constraints
 from torch import nn
 
 from pyro_hvae.cells import ImageBlock, Upsample, cat_channels, conv
@@ -51,6 +53,7 @@ from pyro_hvae.nn import ACTIVATIONS, MLP, cat_features, check_positive_sizes
 
 __all__ = [
     "BorderLadderVAE",
+    "KnownValues",
     "ConditionalLadderGuide",
     "ConditionalLadderVAE",
     "ConditionalTopDownModel",
@@ -61,6 +64,43 @@ __all__ = [
 #: Key of a latent site's ``infer`` dict under which the model hands the guide the context
 #: vector ``h_c`` its prior was computed from (the guide takes it out again).
 CONTEXT_VECTOR = "context_vector"
+
+
+class KnownValues(TorchDistribution):
+    """``p(x | z, c)`` over whole data points when the context fixes some values (a border):
+    those are ``known_values`` (a point mass), the others follow ``base``, a distribution per
+    value (batch shape ``[..., *event_shape]``). ``log_prob`` sums ``base``'s log-density over
+    the unknown values only, so that with ``x`` agreeing with the context it is
+    ``log p(x_c | z, x_b)``; ``mean`` and ``sample`` keep the known values in place.
+    """
+
+    arg_constraints = {}
+
+    def __init__(self, base: TorchDistribution, known: torch.Tensor, known_values: torch.Tensor, event_dims: int, validate_args=None):
+        self.base, self.event_dims = base, event_dims
+        shape = base.batch_shape
+        self.known, self.known_values = known, known_values.expand(shape)
+        super().__init__(shape[: len(shape) - event_dims], shape[len(shape) - event_dims :], validate_args=validate_args)
+
+    @property
+    def support(self):
+        return constraints.independent(self.base.support, self.event_dims)
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape) + self.event_shape
+        return KnownValues(self.base.expand(shape), self.known, self.known_values.expand(shape), self.event_dims)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.where(self.known, self.known_values, self.base.mean)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        draw = self.base.sample(sample_shape)
+        return torch.where(self.known, self.known_values.expand(draw.shape), draw)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        log_prob = self.base.log_prob(value).masked_fill(self.known, 0.0)
+        return log_prob.flatten(-self.event_dims).sum(-1)
 
 
 class _Conv(ImageBlock):
@@ -143,9 +183,9 @@ class ConditionalTopDownModel(GenerativeModel):
     """The generative model ``p(x, z_{1:L} | c)`` as a Pyro program: ``model(x, context)``.
 
     :param context_encoder: the block that encodes the context (its ``feature_dim`` and
-        ``map_channels`` size the networks here).
-    :param explained: optional boolean mask of ``data_shape``, True where the likelihood
-        explains a value (the hidden pixels of a border model); None: every value.
+        ``map_channels`` size the networks here). Where it fixes values of the data (its
+        ``known`` mask: a border), the observation takes them from the context and explains
+        the others only (:class:`KnownValues`).
 
     The other parameters are those of :class:`~pyro_hvae.models.top_down.TopDownModel`.
     Sites ``z_L, ..., z_1`` and ``x`` inside ``pyro.plate("data", N)``; every latent site
@@ -160,7 +200,6 @@ class ConditionalTopDownModel(GenerativeModel):
         context_encoder: ContextEncoder,
         *,
         likelihood: Likelihood | None = None,
-        explained: torch.Tensor | None = None,
         activation: str = "elu",
         batch_norm: bool = False,
         name: str | None = None,
@@ -185,19 +224,19 @@ class ConditionalTopDownModel(GenerativeModel):
         else:
             num_features = self.likelihood.num_features(self.data_shape)
             self.decoder = VectorDecoder(self.latent_dims[0], D, hidden_dims[::-1], num_features, **nets)
-        if explained is not None:
-            if isinstance(self.likelihood, CoupledLogisticMixture):
-                raise ValueError("explained: the coupled logistic mixture has one distribution per pixel, not per value; use another likelihood")
-            explained = explained.expand(self.data_shape).clone()
-        self.register_buffer("explained", explained)
+        if context_encoder.known is not None and isinstance(self.likelihood, CoupledLogisticMixture):
+            raise ValueError(
+                "likelihood: the coupled logistic mixture has one distribution per pixel, not per value, "
+                "and cannot leave the context's known values out; use another likelihood"
+            )
 
     @property
     def num_layers(self) -> int:
         return len(self.latent_dims)
 
-    def context_features(self, x: torch.Tensor | None, context, num_data: int) -> ContextFeatures:
-        """``context`` encoded; ``x`` itself when no context is given and the context is read
-        from the data (a border). Raises ``ValueError`` when it is missing or of another batch size."""
+    def context_of(self, x: torch.Tensor | None, context):
+        """``context``, or ``x`` itself when no context is given and the context is read from
+        the data (a border). Raises ``ValueError`` when there is none."""
         if context is None and x is not None and self.context_encoder.from_data:
             context = x
         if context is None:
@@ -205,6 +244,10 @@ class ConditionalTopDownModel(GenerativeModel):
                 f"context: this hierarchy's prior is conditioned on a context ({type(self.context_encoder).__name__}); "
                 "pass it: model(x, context) or model(context=..., batch_size=N)"
             )
+        return context
+
+    def context_features(self, context, num_data: int) -> ContextFeatures:
+        """``context`` encoded; ``ValueError`` for a batch of another size."""
         features = self.context_encoder(context)
         if features.vector.shape[0] != num_data:
             raise ValueError(f"context: {features.vector.shape[0]} contexts for {num_data} data points; give one per data point")
@@ -218,12 +261,18 @@ class ConditionalTopDownModel(GenerativeModel):
         """``p(z_l | z_{l+1}, c)`` for 1-based ``layer`` ``l < L``."""
         return self.priors[layer - 1](z_above, h)
 
-    def observation(self, z_1: torch.Tensor, context: ContextFeatures) -> dist.TorchDistribution:
-        """``p(x | z_1, c)``, restricted to the ``explained`` values when set."""
-        fn = self.likelihood.distribution(self.decoder(z_1, context), self.data_shape)
-        if self.explained is None:
+    @property
+    def known(self) -> torch.Tensor | None:
+        """The values of a data point the context fixes (``context_encoder.known``), or None."""
+        return self.context_encoder.known
+
+    def observation(self, z_1: torch.Tensor, features: ContextFeatures, context) -> dist.TorchDistribution:
+        """``p(x | z_1, c)``; where the context fixes values, those are taken from it and
+        the others explained (:class:`KnownValues`)."""
+        fn = self.likelihood.distribution(self.decoder(z_1, features), self.data_shape)
+        if self.known is None:
             return fn
-        return fn.base_dist.mask(self.explained).to_event(len(self.data_shape))
+        return KnownValues(fn.base_dist, self.known, context, len(self.data_shape))
 
     @torch.no_grad()
     def start_at_data_mean(self, data_mean: torch.Tensor) -> None:
@@ -239,14 +288,15 @@ class ConditionalTopDownModel(GenerativeModel):
             batch_size = len(context)
         num_data = self.batch_size_of(x, batch_size)
         register_params(self.pyro_name, self)
-        features = self.context_features(x, context, num_data)
+        context = self.context_of(x, context)
+        features = self.context_features(context, num_data)
         h = features.vector
         L = self.num_layers
         with pyro.plate("data", num_data):
             z = pyro.sample(latent_site(L), self.top_prior(h), infer={CONTEXT_VECTOR: h})
             for layer in reversed(range(1, L)):
                 z = pyro.sample(latent_site(layer), self.prior(layer, z, h), infer={CONTEXT_VECTOR: h})
-            return pyro.sample("x", self.observation(z, features), obs=x)
+            return pyro.sample("x", self.observation(z, features, context), obs=x)
 
 
 class ConditionalLadderGuide(GuideMessenger, nn.Module):
@@ -299,7 +349,6 @@ class ConditionalLadderVAE(HierarchicalVAE):
     :param context_encoder: a :class:`~pyro_hvae.context.ContextEncoder`, e.g.
         :class:`~pyro_hvae.context.LabelEncoder` or :class:`~pyro_hvae.context.BorderEncoder`.
     :param hidden_dims: as for :class:`~pyro_hvae.LadderVAE`.
-    :param explained: optional boolean mask of the values the likelihood explains.
     :param likelihood, batch_norm, activation, name: as for :class:`~pyro_hvae.LadderVAE`.
 
     Posteriors are residual normals around the conditioned priors, so the closed-form KL
@@ -316,7 +365,6 @@ class ConditionalLadderVAE(HierarchicalVAE):
         hidden_dims: Sequence[int] = (512, 256),
         *,
         likelihood: Likelihood | None = None,
-        explained: torch.Tensor | None = None,
         batch_norm: bool = False,
         activation: str = "elu",
         name: str | None = None,
@@ -325,7 +373,7 @@ class ConditionalLadderVAE(HierarchicalVAE):
         hidden_dims = check_positive_sizes("hidden_dims", hidden_dims)
         nets = dict(activation=activation, batch_norm=batch_norm)
         self.model = ConditionalTopDownModel(
-            data_shape, latent_dims, hidden_dims, context_encoder, likelihood=likelihood, explained=explained, name=name, **nets
+            data_shape, latent_dims, hidden_dims, context_encoder, likelihood=likelihood, name=name, **nets
         )
         width, D = hidden_dims[-1], context_encoder.feature_dim
         heads = [ResidualNormal(width + D, d) for d in self.model.latent_dims]
@@ -341,9 +389,10 @@ class ConditionalLadderVAE(HierarchicalVAE):
 
     @property
     def observed_dims(self) -> int:
-        """How many values the likelihood explains (for bits per dimension)."""
-        explained = self.model.explained
-        return self.model.data_dim if explained is None else int(explained.sum())
+        """How many values of a data point the likelihood explains (for bits per dimension):
+        all of them, or those the context does not fix."""
+        known = self.model.known
+        return self.model.data_dim if known is None else int((~known).sum())
 
 
 class BorderLadderVAE(ConditionalLadderVAE):
@@ -364,7 +413,7 @@ class BorderLadderVAE(ConditionalLadderVAE):
     The other parameters are those of :class:`ConditionalLadderVAE`.
     """
 
-    likelihood_of = "log p(x_missing | x_border)"
+    likelihood_of = "log p(x_missing | x_border): the hidden pixels given the observed border"
 
     def __init__(
         self,
@@ -385,7 +434,7 @@ class BorderLadderVAE(ConditionalLadderVAE):
             mask = make_mask("center", tuple(data_shape))
         encoder = BorderEncoder(data_shape, mask, context_channels, context_dim or hidden_dims[-1], activation=activation)
         super().__init__(
-            data_shape, latent_dims, encoder, hidden_dims, likelihood=likelihood, explained=~encoder.mask,
+            data_shape, latent_dims, encoder, hidden_dims, likelihood=likelihood,
             batch_norm=batch_norm, activation=activation, name=name,
         )
 
@@ -411,11 +460,9 @@ class BorderLadderVAE(ConditionalLadderVAE):
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         self.model.check_data(x)
-        mask = self.mask.expand(x.shape)
         total = torch.zeros_like(x)
         for _ in range(num_samples):
             site = poutine.trace(self.model).get_trace(None, x).nodes["x"]
             total += site["fn"].mean
-        draw = site["value"]
         estimate = log_likelihood(self.model, self.guide, x, num_samples=num_samples, chunk_size=chunk_size)
-        return Inpainting(torch.where(mask, x, draw), None, torch.where(mask, x, total / num_samples), estimate)
+        return Inpainting(site["value"], None, total / num_samples, estimate)
