@@ -34,7 +34,7 @@ from torchvision.utils import save_image
 from pyro_hvae.config import Config, config_from_yaml
 from pyro_hvae.data import Splits, load_splits
 from pyro_hvae.evaluate import _checkpoint_path, _load_vae
-from pyro_hvae.inpaint import MASKS, inpaint, make_mask
+from pyro_hvae.inpaint import MASKS, METHODS, conditioned_on_border, inpaint, make_mask
 from pyro_hvae.models import HierarchicalVAE
 from pyro_hvae.run import RunError, atomic_write, load_checkpoint
 from pyro_hvae.use import batch_norm_layers, readjust_batch_norm
@@ -199,11 +199,17 @@ def inpaint_run(
     """Inpaint the first ``num`` images of ``split`` under ``mask``; writes original | masked | filled."""
     _positive("--num", num)
     _positive("--steps", num_steps)
-    if method not in ("mwg", "pseudo_gibbs"):
-        raise RunError(f"--method must be 'mwg' or 'pseudo_gibbs', got {method!r}")
+    if method not in METHODS:
+        raise RunError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     _check_split(split)
     run = load_run(target, device)
     name, observed = _mask(mask, run.splits.data_shape, seed)
+    if conditioned_on_border(run.vae) != (method == "conditional"):
+        fix = "the run is conditioned on the border: use --method conditional" if method != "conditional" else (
+            "only a run of model.kind: conditional_ladder has it: use --method mwg or pseudo_gibbs")
+        raise RunError(f"--method {method}: {fix}")
+    if method == "conditional" and not torch.equal(observed, run.vae.mask.cpu()):
+        raise RunError(f"--mask {mask}: the run fills the region of its model.mask ({run.cfg.model.mask}); pass --mask {run.cfg.model.mask}")
     folder = _output(out, run.folder / f"inpaint-{name}-{method}", ("inpaint.png", "inpaint.npz"), force)
     pyro.set_rng_seed(seed)
     x, index = _images(run, split, num)
