@@ -2,6 +2,8 @@
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +114,15 @@ def test_the_fill_matches_the_inpaint_function(trained):
     torch.manual_seed(1)
     direct = loaded.vae.fill(x, num_samples=2)
     assert torch.equal(via_inpaint.predictive_mean, direct.predictive_mean)
+
+
+def test_the_inpainting_bench_has_a_row_for_it(trained, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import inpaint_quality
+    finally:
+        sys.path.pop(0)
+    row = inpaint_quality.measure_conditional(trained, 5, 2, 0)
+    assert row["method"] == "conditioned on the border" and row["images"] == 5 and row["acceptance_rate"] is None
+    assert 0 <= row["mse"][0] <= 1 and row["missing_log_prob"][0] < 0
+    assert "conditioned on the border: MSE" in capsys.readouterr().out
