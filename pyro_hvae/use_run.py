@@ -92,6 +92,15 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
+def _unconditional(run: Run, verb: str) -> None:
+    """Refuse a run conditioned on the border: its model needs a border to draw from."""
+    if conditioned_on_border(run.vae):
+        raise RunError(
+            f"{verb}: {run.folder} holds a hierarchy conditioned on the border (model.kind: conditional_ladder), "
+            "which draws only given a border; use pyro-hvae inpaint RUN --method conditional"
+        )
+
+
 def _check_split(split: str) -> None:
     if split not in ("test", "val"):
         raise RunError(f"--split must be 'test' or 'val', got {split!r}; the training split is not used")
@@ -123,6 +132,7 @@ def sample_run(
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise RunError(f"--temperature must be a number > 0, got {temperature!r}")
     run = load_run(target, device)
+    _unconditional(run, "sample")
     folder = _output(out, run.folder / f"sample-T{temperature:g}", ("samples.png", "samples.npz"), force)
     stats = None
     if temperature != 1 and batch_norm_layers(run.vae):
@@ -150,6 +160,7 @@ def reconstruct_run(
     _positive("--num", num)
     _check_split(split)
     run = load_run(target, device)
+    _unconditional(run, "reconstruct")
     folder = _output(out, run.folder / f"reconstruct-{split}", ("reconstruct.png", "reconstruct.npz"), force)
     pyro.set_rng_seed(seed)
     x, index = _images(run, split, num)

@@ -100,6 +100,13 @@ def test_inpaint_fills_from_the_border(trained):
     assert wrong.exit_code == 2 and "pass --mask center" in wrong.output
 
 
+def test_sample_and_reconstruct_refuse_it(trained):
+    for verb in ("sample", "reconstruct"):
+        result = run(verb, trained, "--out", trained / verb)
+        assert result.exit_code == 2 and "use pyro-hvae inpaint RUN --method conditional" in result.output
+        assert not (trained / verb).exists()
+
+
 def test_the_fill_matches_the_inpaint_function(trained):
     from pyro_hvae import inpaint, make_mask
     from pyro_hvae.use_run import load_run

@@ -10,8 +10,9 @@ every conditional prior and every posterior head, and, for a context with spatia
 into feature maps that reach the decoder at equal resolution (:class:`SkipDecoder`).
 
 For the **border** of an image (:class:`BorderLadderVAE`), ``x = (x_b, x_c)`` splits into the
-observed border ``x_b`` and the hidden centre ``x_c``; the context is ``x_b`` and the
-likelihood explains only the hidden pixels:
+observed border ``x_b`` and the hidden centre ``x_c``; the context is ``x_b``, whose pixels
+the observation takes as known (:class:`KnownValues`), and the likelihood explains only the
+hidden pixels:
 
 .. math:: p(x_c, z \\mid x_b) = p(z \\mid x_b)\\, p(x_c \\mid z, x_b)
 
@@ -37,8 +38,8 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.poutine.guide import GuideMessenger
-from torch.distributions import constraints
 from torch import nn
+from torch.distributions import constraints
 
 from pyro_hvae.cells import ImageBlock, Upsample, cat_channels, conv
 from pyro_hvae.context import BorderEncoder, ContextEncoder, ContextFeatures
@@ -53,10 +54,10 @@ from pyro_hvae.nn import ACTIVATIONS, MLP, cat_features, check_positive_sizes
 
 __all__ = [
     "BorderLadderVAE",
-    "KnownValues",
     "ConditionalLadderGuide",
     "ConditionalLadderVAE",
     "ConditionalTopDownModel",
+    "KnownValues",
     "SkipDecoder",
     "VectorDecoder",
 ]
