@@ -13,7 +13,11 @@ A mask is a boolean tensor, ``True`` where a pixel is **observed**. With ``x = (
 
   then draws ``x_m ~ p(x_m | z)``; the acceptance rate is reported per image.
 
-Both start with the missing pixels drawn from the model (an ``x`` from the prior). Pixels are
+A hierarchy trained to fill the region from its border (:class:`~pyro_hvae.BorderLadderVAE`)
+needs no chain: ``conditional`` draws from its own ``p(x_m | x_o)`` (:func:`conditional_fill`),
+and the two samplers refuse it.
+
+Both samplers start with the missing pixels drawn from the model (an ``x`` from the prior). Pixels are
 independent given ``z`` in every likelihood of the package, so ``x_m ~ p(x_m | z)`` is a full
 draw of ``x`` read at the missing pixels (mask a pixel's channels together for
 :class:`~pyro_hvae.CoupledLogisticMixture`).
