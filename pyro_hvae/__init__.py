@@ -5,6 +5,7 @@ hierarchies of your own), the training objective, the evaluation functions and i
 (sampling, encoding and decoding live in :mod:`pyro_hvae.use` and on every hierarchy).
 """
 
+from pyro_hvae.context import BorderEncoder, ContextEncoder, ContextFeatures, LabelEncoder
 from pyro_hvae.infer.elbo import HierarchicalELBO, site_kl
 from pyro_hvae.infer.iw import get_traces, log_likelihood
 from pyro_hvae.inpaint import Inpainting, inpaint, make_mask
@@ -28,9 +29,13 @@ from pyro_hvae.likelihoods import (
     bits_per_dim,
 )
 from pyro_hvae.models import (
+    BorderLadderVAE,
     BottomUpGuide,
     BottomUpPath,
     BottomUpVAE,
+    ConditionalLadderGuide,
+    ConditionalLadderVAE,
+    ConditionalTopDownModel,
     ConvLadderGuide,
     ConvLadderVAE,
     GenerativeModel,
@@ -55,13 +60,20 @@ __all__ = [
     "MLP",
     "BatchNorm",
     "Bernoulli",
+    "BorderEncoder",
+    "BorderLadderVAE",
     "BottomUpGuide",
     "BottomUpPath",
     "BottomUpVAE",
     "Categorical",
+    "ConditionalLadderGuide",
+    "ConditionalLadderVAE",
+    "ConditionalNormal",
+    "ConditionalTopDownModel",
+    "ContextEncoder",
+    "ContextFeatures",
     "ConvLadderGuide",
     "ConvLadderVAE",
-    "ConditionalNormal",
     "ConditionalSpatialAffineAutoregressive",
     "CoupledLogisticMixture",
     "FeatureNet",
@@ -69,6 +81,7 @@ __all__ = [
     "HierarchicalELBO",
     "HierarchicalVAE",
     "IndependentNormal",
+    "LabelEncoder",
     "LadderGuide",
     "LadderVAE",
     "Likelihood",

@@ -192,9 +192,9 @@ def reconstruct(target, num, split, draw, seed, out, force, device):
 @main.command()
 @_run_argument
 @click.option("--mask", default="center", show_default=True, help="center, left, right, top, bottom, random (the region hidden), or a .npy file of booleans, True where observed.")
-@click.option("--method", type=click.Choice(["mwg", "pseudo_gibbs"]), default="mwg", show_default=True, help="Metropolis-within-Gibbs (exact) or pseudo-Gibbs.")
+@click.option("--method", type=click.Choice(["mwg", "pseudo_gibbs", "conditional"]), default="mwg", show_default=True, help="Metropolis-within-Gibbs (exact) or pseudo-Gibbs; 'conditional' for a run of model.kind: conditional_ladder, which draws from its own p(hidden | border).")
 @click.option("--num", type=int, default=16, show_default=True, help="Number of images (the first of the split).")
-@click.option("--steps", type=int, default=100, show_default=True, help="Sampler steps.")
+@click.option("--steps", type=int, default=100, show_default=True, help="Sampler steps (for 'conditional': draws).")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @_use_options("RUN_DIR/inpaint-<mask>-<method>")
 def inpaint(target, mask, method, num, steps, split, seed, out, force, device):

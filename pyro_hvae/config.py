@@ -45,6 +45,7 @@ from pydantic_core import PydanticCustomError
 __all__ = [
     "ARCHITECTURE_FIELDS",
     "BottomUpConfig",
+    "ConditionalLadderConfig",
     "Config",
     "ConfigError",
     "ConvLadderConfig",
@@ -364,6 +365,49 @@ class BottomUpConfig(_MLPHierarchy):
     )
 
 
+class ConditionalLadderConfig(_MLPHierarchy):
+    """A ladder hierarchy whose prior is conditioned on a context
+    (:class:`~pyro_hvae.models.conditional.BorderLadderVAE`): with ``context: border`` it
+    models ``p(x_c, z | x_b) = p(z | x_b) p(x_c | z, x_b)``, the hidden region ``x_c`` of
+    ``mask`` given the observed border ``x_b``; evaluation reports ``log p(x_c | x_b)``."""
+
+    kind: Literal["conditional_ladder"] = Field(
+        description="'conditional_ladder': a ladder hierarchy conditioned on a context."
+    )
+    context: Literal["border"] = Field(
+        "border",
+        description="What the prior is conditioned on. 'border': the observed pixels around "
+        "the hidden region of `mask`, encoded into a vector for every prior and posterior and "
+        "into feature maps that reach the decoder at equal resolution. (Class labels are a "
+        "Python-only context for now: the data pipeline yields images without labels.)",
+    )
+    mask: Literal["center", "left", "right", "top", "bottom"] = Field(
+        "center",
+        description="The hidden region, filled from the rest: 'center' the central square of "
+        "half the height and width (as `pyro-hvae inpaint --mask center`), or that half of the "
+        "image. The likelihood explains the hidden pixels only.",
+    )
+    context_channels: list[PositiveInt] = Field(
+        default_factory=lambda: [16, 32, 32],
+        min_length=1,
+        description="Channels of the border's feature maps, finest first: the first at the "
+        "image's resolution, each next one at half the one before (so the image's height and "
+        "width must be divisible by 2^(entries - 1)).",
+    )
+
+    @field_validator("context", mode="before")
+    @classmethod
+    def _labels_are_not_loaded(cls, value: Any) -> Any:
+        if value == "label":
+            raise PydanticCustomError(
+                "context_label",
+                "'label' needs class labels, which training does not load (the data pipeline "
+                "yields images only): use context: border, or condition on labels from Python "
+                "with ConditionalLadderVAE and a LabelEncoder",
+            )
+        return value
+
+
 #: Width ratio of the conv ladder's bottleneck blocks (:data:`pyro_hvae.cells.BOTTLENECK_RATIO`,
 #: kept here so that reading a config needs no torch; a test checks they agree).
 CONV_WIDTH_MULTIPLE = 4
@@ -492,7 +536,9 @@ class CustomModelConfig(_ModelSection):
 
 #: The configuration of each kind of hierarchy; adding a kind adds its class here
 #: (and its builder to :func:`pyro_hvae.models.build.build_model`).
-MODEL_KINDS: tuple[type[_ModelSection], ...] = (LadderConfig, BottomUpConfig, ConvLadderConfig, CustomModelConfig)
+MODEL_KINDS: tuple[type[_ModelSection], ...] = (
+    LadderConfig, BottomUpConfig, ConditionalLadderConfig, ConvLadderConfig, CustomModelConfig
+)
 
 
 def _kind_of(value: Any) -> str | None:

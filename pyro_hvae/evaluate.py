@@ -25,7 +25,10 @@ both counts and why (:func:`~pyro_hvae.infer.diagnostics.collapsed_layers`).
 
 and writes, into one folder (default ``RUN_DIR/eval-<split>-K<K>/``)::
 
-    results.json       summary: NLL in nats and bits/dim, ELBO, k-hat, ESS, KL and
+    results.json       summary: NLL in nats and bits/dim (``likelihood_of`` says of
+                       what: ``log p(x)``, or for a border model
+                       ``log p(x_missing | x_border)`` over its ``num_dims`` hidden
+                       values), ELBO, k-hat, ESS, KL and
                        active units (own and marginal) per layer, collapsed layers,
                        chunk size, checkpoint, data and versions
     per_example.npz    the per-image values (elbo, log_likelihood, khat,
@@ -146,7 +149,10 @@ def evaluate_checkpoint(
         per_image, means, unit_kl = _per_image(vae, hierarchy, dataset, K, chunk_size, batch_size, uses_analytic_kl(cfg, hierarchy), device)
 
     sites = [name for name in per_image if name.startswith("kl_")]
-    num_dims = math.prod(splits.data_shape)
+    # a conditional hierarchy's likelihood may explain part of each image (a border model:
+    # the hidden pixels given the border); bits per dimension count what it explains
+    likelihood_of = getattr(vae, "likelihood_of", "log p(x)")
+    num_dims = getattr(vae, "observed_dims", math.prod(splits.data_shape))
     elbo, ll = float(per_image["elbo"].mean()), float(per_image["log_likelihood"].mean())
     khat, ess = per_image["khat"], per_image["ess_fraction"]
     threshold = khat_threshold(K) if K > 1 else None
@@ -172,6 +178,8 @@ def evaluate_checkpoint(
         "seed": seed,
         "device": str(device),
         "data": splits.describe(),
+        "likelihood_of": likelihood_of,
+        "num_dims": num_dims,
         "elbo": elbo,
         "log_likelihood": ll,
         "nll_nats": -ll,

@@ -13,7 +13,11 @@ A mask is a boolean tensor, ``True`` where a pixel is **observed**. With ``x = (
 
   then draws ``x_m ~ p(x_m | z)``; the acceptance rate is reported per image.
 
-Both start with the missing pixels drawn from the model (an ``x`` from the prior). Pixels are
+A hierarchy trained to fill the region from its border (:class:`~pyro_hvae.BorderLadderVAE`)
+needs no chain: ``conditional`` draws from its own ``p(x_m | x_o)`` (:func:`conditional_fill`),
+and the two samplers refuse it.
+
+Both samplers start with the missing pixels drawn from the model (an ``x`` from the prior). Pixels are
 independent given ``z`` in every likelihood of the package, so ``x_m ~ p(x_m | z)`` is a full
 draw of ``x`` read at the missing pixels (mask a pixel's channels together for
 :class:`~pyro_hvae.CoupledLogisticMixture`).
@@ -206,7 +210,29 @@ def metropolis_within_gibbs(vae, x: torch.Tensor, mask: torch.Tensor, num_steps:
     return prediction.result(current, accepted / num_steps)
 
 
-METHODS: dict[str, Callable[..., Inpainting]] = {"pseudo_gibbs": pseudo_gibbs, "mwg": metropolis_within_gibbs}
+def conditioned_on_border(vae) -> bool:
+    """Whether ``vae`` is a hierarchy conditioned on the border (:class:`~pyro_hvae.BorderLadderVAE`)."""
+    from pyro_hvae.models.conditional import BorderLadderVAE  # the models import this module
+
+    return isinstance(vae, BorderLadderVAE)
+
+
+def conditional_fill(vae, x: torch.Tensor, mask: torch.Tensor, num_steps: int) -> Inpainting:
+    """A hierarchy conditioned on the border (:class:`~pyro_hvae.BorderLadderVAE`) draws the
+    hidden pixels from its own ``p(x_m | x_o)``: ``vae.fill(x, num_samples=num_steps)``.
+    ``mask`` must be the one it was trained with."""
+    if not conditioned_on_border(vae):
+        raise ValueError("method 'conditional' needs a hierarchy conditioned on the border (BorderLadderVAE); use 'mwg' or 'pseudo_gibbs'")
+    if not torch.equal(mask, vae.mask.expand(x.shape)):
+        raise ValueError("mask: a hierarchy conditioned on the border fills the region it was trained to fill; pass its mask, vae.mask")
+    return vae.fill(x, num_samples=num_steps)
+
+
+METHODS: dict[str, Callable[..., Inpainting]] = {
+    "pseudo_gibbs": pseudo_gibbs,
+    "mwg": metropolis_within_gibbs,
+    "conditional": conditional_fill,
+}
 
 
 @torch.no_grad()
@@ -215,7 +241,7 @@ def inpaint(
     x: torch.Tensor,
     mask: torch.Tensor,
     *,
-    method: Literal["pseudo_gibbs", "mwg"] = "mwg",
+    method: Literal["pseudo_gibbs", "mwg", "conditional"] = "mwg",
     num_steps: int = 100,
 ) -> Inpainting:
     """Fill the pixels of ``x`` where ``mask`` is False, using only ``vae.model`` and ``vae.guide``.
@@ -223,8 +249,10 @@ def inpaint(
     :param x: images ``[N, *data_shape]``.
     :param mask: boolean, ``True`` where observed, of shape ``x.shape`` or ``x.shape[1:]``
         (see :func:`make_mask`). A mask that observes everything returns ``x`` unchanged.
-    :param method: ``"mwg"`` (exact in the limit, reports acceptance) or ``"pseudo_gibbs"``.
-    :param num_steps: number of sweeps, ``>= 1``.
+    :param method: ``"mwg"`` (exact in the limit, reports acceptance) or ``"pseudo_gibbs"``;
+        ``"conditional"`` for a hierarchy conditioned on the border, which draws from its own
+        ``p(x_m | x_o)`` (:func:`conditional_fill`) and takes no other method.
+    :param num_steps: number of sweeps, ``>= 1`` (for ``"conditional"``: of draws).
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a batch of images [N, *data_shape] as a torch.Tensor, got {type(x).__name__}")
@@ -233,10 +261,23 @@ def inpaint(
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
     mask = check_mask(mask, x)
+    if method != "conditional" and conditioned_on_border(vae):
+        raise ValueError("method: a hierarchy conditioned on the border fills from it directly; use method='conditional'")
     if mask.all():
         nothing_missing = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         return Inpainting(x.clone(), predictive_mean=x.clone(), missing_log_prob=nothing_missing)
     return METHODS[method](vae, x, mask, num_steps)
 
 
-__all__ = ["MASKS", "METHODS", "Inpainting", "check_mask", "inpaint", "make_mask", "metropolis_within_gibbs", "pseudo_gibbs"]
+__all__ = [
+    "MASKS",
+    "METHODS",
+    "Inpainting",
+    "check_mask",
+    "conditional_fill",
+    "conditioned_on_border",
+    "inpaint",
+    "make_mask",
+    "metropolis_within_gibbs",
+    "pseudo_gibbs",
+]

@@ -8,6 +8,8 @@
       metrics.jsonl    one JSON record per log line or evaluation
       last.pt          full training state, for ``--resume``
       best.pt          the evaluation weights at the best validation ELBO
+      kl_per_layer.png per-layer KL on training and validation data over the steps
+                       (redrawn at each evaluation, :mod:`pyro_hvae.plots`)
       images/          prior samples and reconstructions at each evaluation
       tensorboard/     event files, when the ``tensorboard`` extra is installed
 

@@ -5,7 +5,8 @@ loss with the spectral penalty of ``train.spectral_reg`` when configured), step 
 learning-rate schedule; every ``log_every`` steps append a record of the means
 over those steps to ``metrics.jsonl``; every ``eval_every`` steps evaluate on the validation split (with
 the EMA weights when configured), save image grids and, on a new best validation
-ELBO, ``best.pt``; every ``checkpoint_every`` steps save ``last.pt`` with everything a
+ELBO, ``best.pt``, and redraw ``kl_per_layer.png`` (:mod:`pyro_hvae.plots`); every
+``checkpoint_every`` steps save ``last.pt`` with everything a
 resumed run needs to continue exactly as if never stopped. With ``train.max_minutes``
 the loop also stops once that much wall-clock time has passed (``elapsed_s`` in every
 record), after a last validation evaluation of the weights it ends with.
@@ -34,6 +35,7 @@ from pyro_hvae.infer.iw import log_likelihood
 from pyro_hvae.infer.step import EMA, TrainStep, UpdateSkipper, kl_weight, warmup_cosine
 from pyro_hvae.models.build import build_hierarchy
 from pyro_hvae.models.protocol import Hierarchy, prior_means, reconstruction_means
+from pyro_hvae.plots import write_kl_plot
 from pyro_hvae.run import MetricsLog, RunError, load_checkpoint, save_checkpoint, write_run_info
 from pyro_hvae.spectral import RegularizationSchedule, SpectralRegularizer
 
@@ -398,8 +400,16 @@ class Trainer:
         else:
             self.stale_evaluations += 1
         log.write({"kind": "eval", "step": self.step, "elapsed_s": self.train_seconds, **metrics, "best": improved})
+        self._plot_kl()
         patience = self.cfg.train.early_stopping_patience
         return patience is not None and self.stale_evaluations >= patience
+
+    def _plot_kl(self) -> None:
+        """Redraw ``kl_per_layer.png`` from ``metrics.jsonl`` (once it holds a per-layer KL)."""
+        try:
+            write_kl_plot(self.run_dir, self.hierarchy.latent_sites)
+        except ValueError:  # no KL logged yet: an evaluation before the first log line, without validation data
+            pass
 
     @torch.no_grad()
     def _save_images(self, images) -> None:

@@ -34,7 +34,7 @@ from torchvision.utils import save_image
 from pyro_hvae.config import Config, config_from_yaml
 from pyro_hvae.data import Splits, load_splits
 from pyro_hvae.evaluate import _checkpoint_path, _load_vae
-from pyro_hvae.inpaint import MASKS, inpaint, make_mask
+from pyro_hvae.inpaint import MASKS, METHODS, conditioned_on_border, inpaint, make_mask
 from pyro_hvae.models import HierarchicalVAE
 from pyro_hvae.run import RunError, atomic_write, load_checkpoint
 from pyro_hvae.use import batch_norm_layers, readjust_batch_norm
@@ -92,6 +92,15 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
+def _unconditional(run: Run, verb: str) -> None:
+    """Refuse a run conditioned on the border: its model needs a border to draw from."""
+    if conditioned_on_border(run.vae):
+        raise RunError(
+            f"{verb}: {run.folder} holds a hierarchy conditioned on the border (model.kind: conditional_ladder), "
+            "which draws only given a border; use pyro-hvae inpaint RUN --method conditional"
+        )
+
+
 def _check_split(split: str) -> None:
     if split not in ("test", "val"):
         raise RunError(f"--split must be 'test' or 'val', got {split!r}; the training split is not used")
@@ -123,6 +132,7 @@ def sample_run(
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise RunError(f"--temperature must be a number > 0, got {temperature!r}")
     run = load_run(target, device)
+    _unconditional(run, "sample")
     folder = _output(out, run.folder / f"sample-T{temperature:g}", ("samples.png", "samples.npz"), force)
     stats = None
     if temperature != 1 and batch_norm_layers(run.vae):
@@ -150,6 +160,7 @@ def reconstruct_run(
     _positive("--num", num)
     _check_split(split)
     run = load_run(target, device)
+    _unconditional(run, "reconstruct")
     folder = _output(out, run.folder / f"reconstruct-{split}", ("reconstruct.png", "reconstruct.npz"), force)
     pyro.set_rng_seed(seed)
     x, index = _images(run, split, num)
@@ -199,11 +210,17 @@ def inpaint_run(
     """Inpaint the first ``num`` images of ``split`` under ``mask``; writes original | masked | filled."""
     _positive("--num", num)
     _positive("--steps", num_steps)
-    if method not in ("mwg", "pseudo_gibbs"):
-        raise RunError(f"--method must be 'mwg' or 'pseudo_gibbs', got {method!r}")
+    if method not in METHODS:
+        raise RunError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     _check_split(split)
     run = load_run(target, device)
     name, observed = _mask(mask, run.splits.data_shape, seed)
+    if conditioned_on_border(run.vae) != (method == "conditional"):
+        fix = "the run is conditioned on the border: use --method conditional" if method != "conditional" else (
+            "only a run of model.kind: conditional_ladder has it: use --method mwg or pseudo_gibbs")
+        raise RunError(f"--method {method}: {fix}")
+    if method == "conditional" and not torch.equal(observed, run.vae.mask.cpu()):
+        raise RunError(f"--mask {mask}: the run fills the region of its model.mask ({run.cfg.model.mask}); pass --mask {run.cfg.model.mask}")
     folder = _output(out, run.folder / f"inpaint-{name}-{method}", ("inpaint.png", "inpaint.npz"), force)
     pyro.set_rng_seed(seed)
     x, index = _images(run, split, num)

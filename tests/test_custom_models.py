@@ -289,7 +289,7 @@ def test_each_kind_lists_only_its_options_and_resume_guards_them(tmp_path):
         load_config(path)
     (line,) = info.value.errors
     assert line.startswith("model.latent_dims: unknown option of kind 'custom'") and "class_path, init_args" in line
-    with pytest.raises(ConfigError, match=r"model.kind: Input should be 'ladder', 'bottom_up', 'conv_ladder' or 'custom', got 'conv'"):
+    with pytest.raises(ConfigError, match=r"model.kind: Input should be 'ladder', 'bottom_up', 'conditional_ladder', 'conv_ladder' or 'custom', got 'conv'"):
         load_config(None, ["model.kind=conv"])
     old = load_config(None, ["model.kind=custom", "model.class_path=pkg.mod.VAE", "model.init_args={width: 8}"])
     new = load_config(None, ["model.kind=custom", "model.class_path=pkg.mod.VAE", "model.init_args={width: 16}"])

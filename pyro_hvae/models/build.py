@@ -35,9 +35,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyro_hvae.config import BottomUpConfig, ConfigError, ConvLadderConfig, CustomModelConfig, LadderConfig
+from pyro_hvae.config import (
+    BottomUpConfig,
+    ConditionalLadderConfig,
+    ConfigError,
+    ConvLadderConfig,
+    CustomModelConfig,
+    LadderConfig,
+)
+from pyro_hvae.inpaint import make_mask
 from pyro_hvae.likelihoods import Bernoulli, Categorical, CoupledLogisticMixture, Likelihood, LogisticMixture
 from pyro_hvae.models.bottom_up import BottomUpVAE
+from pyro_hvae.models.conditional import BorderLadderVAE
 from pyro_hvae.models.conv_ladder import ConvLadderVAE
 from pyro_hvae.models.ladder import LadderVAE
 from pyro_hvae.models.protocol import Hierarchy, HierarchyError, check_interface, inspect_hierarchy
@@ -45,7 +54,7 @@ from pyro_hvae.models.protocol import Hierarchy, HierarchyError, check_interface
 __all__ = ["build_hierarchy", "build_likelihood", "build_model", "import_object"]
 
 
-def build_likelihood(cfg: LadderConfig | BottomUpConfig | ConvLadderConfig) -> Likelihood:
+def build_likelihood(cfg: LadderConfig | BottomUpConfig | ConditionalLadderConfig | ConvLadderConfig) -> Likelihood:
     """The pixel likelihood ``p(x | z_1)`` of a built-in kind."""
     if cfg.likelihood == "categorical":
         return Categorical(cfg.num_levels)
@@ -56,7 +65,7 @@ def build_likelihood(cfg: LadderConfig | BottomUpConfig | ConvLadderConfig) -> L
     return Bernoulli()
 
 
-def _mlp_options(cfg: LadderConfig | BottomUpConfig) -> dict[str, Any]:
+def _mlp_options(cfg: LadderConfig | BottomUpConfig | ConditionalLadderConfig) -> dict[str, Any]:
     return dict(likelihood=build_likelihood(cfg), batch_norm=cfg.batch_norm, activation=cfg.activation)
 
 
@@ -76,6 +85,18 @@ def _(cfg: LadderConfig, data_shape: Sequence[int]) -> nn.Module:
 @build_model.register
 def _(cfg: BottomUpConfig, data_shape: Sequence[int]) -> nn.Module:
     return BottomUpVAE(data_shape, cfg.latent_dims, cfg.hidden_dims, **_mlp_options(cfg))
+
+
+@build_model.register
+def _(cfg: ConditionalLadderConfig, data_shape: Sequence[int]) -> nn.Module:
+    try:
+        return BorderLadderVAE(
+            data_shape, cfg.latent_dims, cfg.hidden_dims, mask=make_mask(cfg.mask, tuple(data_shape)),
+            context_channels=cfg.context_channels, **_mlp_options(cfg),
+        )
+    except ValueError as err:  # the maps do not fit the images: name the option
+        message = f"{err} (the images are {'x'.join(map(str, data_shape))})"
+        raise ConfigError([f"model.{message}" if message.startswith("context_channels") else f"model: {message}"]) from None
 
 
 #: The options of ``kind: conv_ladder`` that :class:`ConvLadderVAE` takes by the same name.
