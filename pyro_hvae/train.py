@@ -361,15 +361,24 @@ class Trainer:
         }
 
     def _first_step(self, x: torch.Tensor):
-        """The first step of a fit, whose validation errors become one clear message."""
+        """The first step of a fit, whose validation errors become one clear message. Under
+        torchrun every rank first checks a forward pass on its batch and the ranks agree on
+        the outcome, so that a rank that fails leaves none waiting in the step's collectives."""
+        if self.world.is_distributed:
+            buffers = [b.detach().clone() for b in self.vae.buffers()]
+            devices = [self.device] if self.device.type == "cuda" else []
+            with self.world.agree(), torch.no_grad(), torch.random.fork_rng(devices=devices):
+                try:
+                    HierarchyLoss(self.vae, self.elbo)(x)
+                except ValueError as err:
+                    raise _first_step_error(err) from None
+            with torch.no_grad():  # the check leaves no trace: no draw, no batch-norm statistics
+                for buffer, saved in zip(self.vae.buffers(), buffers):
+                    buffer.copy_(saved)
         try:
             return self.take_step(x)
         except ValueError as err:
-            problem = str(err).strip().splitlines()[0][:300]
-            raise TrainingError(
-                f"the first training step failed: {problem}; likely causes are data outside the "
-                "likelihood's support, NaN weights in a checkpoint, or a learning rate far too high (optim.lr)"
-            ) from None
+            raise _first_step_error(err) from None
 
     def _check_divergence(self, stats, consecutive_skips: int) -> None:
         """Stop a run whose first loss (on any rank) is not finite, or whose updates have all
@@ -477,6 +486,15 @@ class Trainer:
         pairs = torch.stack([x, reconstruction_means(vae, self.hierarchy, x)], dim=1).flatten(0, 1)
         save_image(pairs, folder / f"reconstructions_{self.step:07d}.png", nrow=8)
         vae.train(was_training)
+
+
+def _first_step_error(err: ValueError) -> TrainingError:
+    """The error of a first step that Pyro's validation stopped."""
+    problem = str(err).strip().splitlines()[0][:300]
+    return TrainingError(
+        f"the first training step failed: {problem}; likely causes are data outside the "
+        "likelihood's support, NaN weights in a checkpoint, or a learning rate far too high (optim.lr)"
+    )
 
 
 @torch.no_grad()
