@@ -234,14 +234,17 @@ def launch() -> Iterator[World]:
 
 
 def synchronize_batch_norm(module: nn.Module) -> nn.Module:
-    """``module`` with each batch-norm layer replaced by its synchronized twin, which keeps
-    its weights and running statistics (so its state dict too): :class:`~pyro_hvae.nn.BatchNorm`
-    by :class:`~pyro_hvae.nn.SyncBatchNorm`, the others by :class:`torch.nn.SyncBatchNorm`
-    (with :meth:`~torch.nn.SyncBatchNorm.convert_sync_batchnorm`)."""
+    """``module`` with each batch-norm layer replaced by its synchronized twin, with its
+    weights, running statistics and state-dict keys: :class:`~pyro_hvae.nn.BatchNorm` by
+    :class:`~pyro_hvae.nn.SyncBatchNorm`, the others by :class:`torch.nn.SyncBatchNorm`
+    (:meth:`~torch.nn.SyncBatchNorm.convert_sync_batchnorm`, which makes only that class)."""
     for name, child in module.named_children():
-        if isinstance(child, _BatchNorm):
-            twin = SyncBatchNorm if isinstance(child, BatchNorm) else nn.SyncBatchNorm
-            module.add_module(name, twin.convert_sync_batchnorm(child))
+        if isinstance(child, BatchNorm):
+            twin = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            twin.load_state_dict(child.state_dict())
+            module.add_module(name, twin.train(child.training))
+        elif isinstance(child, _BatchNorm):
+            module.add_module(name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
         else:
             synchronize_batch_norm(child)
     return module
