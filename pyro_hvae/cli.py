@@ -2,6 +2,8 @@
 
 Every expected failure (bad config, missing data, unusable run folder or checkpoint,
 diverged training) prints one ``error: ...`` line, without a traceback, and exits 2.
+Under torchrun (``train`` and ``evaluate``, see :mod:`pyro_hvae.distributed`) a failure on
+any rank stops every rank, and rank 0 alone prints it and the results.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ class _ExpectedFailures(click.Group):
     def invoke(self, ctx):
         from pyro_hvae.config import ConfigError
         from pyro_hvae.data import DataError
+        from pyro_hvae.distributed import RanksFailed
         from pyro_hvae.run import RunError
         from pyro_hvae.train import TrainingError
 
         try:
             return super().invoke(ctx)
         except (ConfigError, DataError, RunError, TrainingError) as err:
+            if isinstance(err, RanksFailed) and not err.on_main:
+                ctx.exit(2)  # rank 0 prints it
             for line in str(err).splitlines():
                 click.echo(f"error: {line}", err=True)
             ctx.exit(2)
@@ -51,11 +56,59 @@ def main() -> None:
 def train(args, out, device, resume, force, print_config):
     """Train the hierarchy described by CONFIG, with dotted KEY=VALUE overrides
     (e.g. optim.lr=3e-4 model.latent_dims=[32,16,8])."""
-    from pyro_hvae.config import architecture_changes, data_stream_changes, dump_config, load_config
+    from pyro_hvae.config import dump_config
     from pyro_hvae.data import load_splits
-    from pyro_hvae.run import RunError, default_run_dir, prepare_run_dir, record_resume
-    from pyro_hvae.train import Trainer, load_for_resume, resolve_device
+    from pyro_hvae.distributed import launch
+    from pyro_hvae.run import RunError, prepare_run_dir, record_resume
+    from pyro_hvae.train import Trainer, resolve_device
 
+    with launch() as world:
+        # files first, on every rank, each block agreed: no collective is left waiting on a rank that failed
+        with world.agree():
+            cfg, state, run_dir = _training_config(args, out, resume, force)
+        if print_config:
+            if world.is_main:
+                click.echo(dump_config(cfg), nl=False)
+            return
+        with world.agree():
+            target = resolve_device(device or cfg.device, world.local_rank if world.is_distributed else None)
+            splits = load_splits(cfg.data)  # before the run folder: missing data leaves nothing behind
+            if resume is not None:
+                trained_on, now = state.get("data", {}).get("sha256"), splits.describe().get("sha256")
+                if trained_on and now and trained_on != now:
+                    raise RunError(
+                        f"--resume: the images at data.path differ from those the run was trained on (sha256 {now[:12]}..., "
+                        f"the run's {trained_on[:12]}...); point data.path at the original files or start a new run"
+                    )
+        run_dir = world.from_main(run_dir)  # a default name holds rank 0's clock
+        overrides = list(args if resume is not None else args[1:])
+        with world.agree():
+            # builds and checks the hierarchy, writing nothing: an unusable model leaves nothing behind
+            trainer = Trainer(cfg, run_dir, device=target, splits=splits, overrides=overrides, world=world)
+            if resume is None and world.is_main:
+                prepare_run_dir(run_dir, force=force)
+            if resume is not None:
+                trainer.load_state_dict(state)
+                if world.is_main:
+                    record_resume(run_dir, trainer.step, overrides)
+        if world.is_main:
+            where = f"{target}" if not world.is_distributed else f"{world.size} processes ({target.type})"
+            doing = f"resuming {run_dir} at step {trainer.step}" if resume is not None else f"training into {run_dir}"
+            click.echo(f"{doing} on {where}", err=True)
+        with world.agree():  # training's own errors come on every rank together
+            summary = trainer.fit()
+        if world.is_main:
+            click.echo(json.dumps(summary))
+
+
+def _training_config(args, out, resume, force):
+    """The config, the resume state (or None) and the run folder of ``pyro-hvae train``,
+    read and checked before anything is written."""
+    from pyro_hvae.config import architecture_changes, data_stream_changes, load_config
+    from pyro_hvae.run import RunError, default_run_dir
+    from pyro_hvae.train import load_for_resume
+
+    state = None
     if resume is not None:
         if out is not None or force:
             raise RunError("--resume continues RUN_DIR in place; drop --out/--force")
@@ -81,31 +134,7 @@ def train(args, out, device, resume, force, print_config):
             raise click.UsageError("missing CONFIG (a YAML file, e.g. examples/mnist.yaml)")
         cfg = load_config(args[0], args[1:])
         run_dir = out if out is not None else default_run_dir(cfg.name)
-    if print_config:
-        click.echo(dump_config(cfg), nl=False)
-        return
-    target = resolve_device(device or cfg.device)
-    splits = load_splits(cfg.data)  # before the run folder: missing data leaves nothing behind
-    if resume is not None:
-        trained_on, now = state.get("data", {}).get("sha256"), splits.describe().get("sha256")
-        if trained_on and now and trained_on != now:
-            raise RunError(
-                f"--resume: the images at data.path differ from those the run was trained on (sha256 {now[:12]}..., "
-                f"the run's {trained_on[:12]}...); point data.path at the original files or start a new run"
-            )
-    overrides = list(args if resume is not None else args[1:])
-    # builds and checks the hierarchy, writing nothing: an unusable model leaves nothing behind
-    trainer = Trainer(cfg, run_dir, device=target, splits=splits, overrides=overrides)
-    if resume is None:
-        prepare_run_dir(run_dir, force=force)
-    if resume is not None:
-        trainer.load_state_dict(state)
-        record_resume(run_dir, trainer.step, overrides)
-        click.echo(f"resuming {run_dir} at step {trainer.step}", err=True)
-    else:
-        click.echo(f"training into {run_dir} on {target}", err=True)
-    summary = trainer.fit()
-    click.echo(json.dumps(summary))
+    return cfg, state, run_dir
 
 
 @main.command()
@@ -119,22 +148,29 @@ def train(args, out, device, resume, force, print_config):
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite existing results.")
 def evaluate(target, num_samples, split, batch_size, chunk_size, seed, out, device, force):
-    """Importance-weighted log-likelihood of a trained run, with PSIS diagnostics."""
+    """Importance-weighted log-likelihood of a trained run, with PSIS diagnostics
+    (under torchrun: the images shared out over the processes)."""
+    from pyro_hvae.distributed import launch
     from pyro_hvae.evaluate import evaluate_checkpoint
     from pyro_hvae.train import resolve_device
 
-    results = evaluate_checkpoint(
-        target,
-        num_samples=num_samples,
-        split=split,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-        seed=seed,
-        out=out,
-        device=resolve_device(device),
-        force=force,
-    )
-    click.echo(json.dumps({k: results[k] for k in ("nll_nats", "nll_bits_per_dim", "elbo", "num_samples", "chunk_size", "split", "results")}))
+    with launch() as world:
+        with world.agree():
+            target_device = resolve_device(device, world.local_rank if world.is_distributed else None)
+        results = evaluate_checkpoint(
+            target,
+            num_samples=num_samples,
+            split=split,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            seed=seed,
+            out=out,
+            device=target_device,
+            force=force,
+            world=world,
+        )
+    if world.is_main:
+        click.echo(json.dumps({k: results[k] for k in ("nll_nats", "nll_bits_per_dim", "elbo", "num_samples", "chunk_size", "split", "results")}))
 
 
 _run_argument = click.argument("target", type=click.Path(path_type=Path), metavar="RUN_DIR_OR_CHECKPOINT")

@@ -624,6 +624,12 @@ class TrainConfig(_Section):
         description="Keep the weights and the training batches in channels-last memory "
         "format (often faster convolutions on GPUs); the same model.",
     )
+    sync_batch_norm: bool = Field(
+        False,
+        description="Under torchrun, normalize with the batch statistics of the global batch "
+        "(torch.nn.SyncBatchNorm over the processes) instead of each process's share; CUDA "
+        "devices only (PyTorch synchronizes no CPU tensors). No effect in one process.",
+    )
     bf16_autocast: bool = Field(
         False,
         description="Compute the training loss under bfloat16 autocast (CUDA devices "

@@ -230,15 +230,15 @@ class ImageDataset(Dataset):
         return torch.bernoulli(values, generator=generator) if self.dynamic else values
 
 
-def _derived_seed(seed: int, purpose: str) -> int:
-    """A 63-bit seed for one use of a configured seed (independent streams)."""
+def derived_seed(seed: int, purpose: str) -> int:
+    """A 63-bit seed for one use (``purpose``) of a configured seed: independent streams."""
     digest = hashlib.sha256(f"pyro-hvae:{purpose}:{seed}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
 def _generator(seed: int, purpose: str) -> torch.Generator:
     """A CPU generator seeded for ``purpose`` ("split", "val", "test") from ``seed``."""
-    return torch.Generator().manual_seed(_derived_seed(seed, purpose))
+    return torch.Generator().manual_seed(derived_seed(seed, purpose))
 
 
 def _fixed(
@@ -356,6 +356,10 @@ class InMemoryLoader:
 
     Iterating yields the rest of the current epoch, or a whole new epoch when
     none is in progress; :meth:`forever` chains epochs for step-based training.
+
+    ``rows`` keeps only those rows of each batch: a process's share of a global batch
+    under torchrun. The order and the pixel draws are still those of the whole batch,
+    so the processes together see exactly the batches one process would.
     """
 
     def __init__(
@@ -366,6 +370,7 @@ class InMemoryLoader:
         shuffle: bool,
         drop_last: bool = False,
         seed: int = 0,
+        rows: slice = slice(None),
     ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -373,6 +378,7 @@ class InMemoryLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.rows = rows
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0  # epochs started
         self._order: Optional[torch.Tensor] = None
@@ -390,7 +396,10 @@ class InMemoryLoader:
             start = self._position * self.batch_size
             index = self._order[start : start + self.batch_size]
             self._position += 1
-            yield self.dataset.batch(index, generator=self.generator)
+            if self.dataset.dynamic:  # draws the whole batch: the generator's stream stays the same
+                yield self.dataset.batch(index, generator=self.generator)[self.rows]
+            else:
+                yield self.dataset.batch(index[self.rows])
 
     def forever(self) -> Iterator[torch.Tensor]:
         """Batches of epoch after epoch, without end."""

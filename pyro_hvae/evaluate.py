@@ -35,6 +35,12 @@ and writes, into one folder (default ``RUN_DIR/eval-<split>-K<K>/``)::
                        ess_fraction, kl_<site>, index = row in the data file)
     diagnostics.png    k-hat per image against its threshold; mean KL per layer
 
+Under torchrun (:mod:`pyro_hvae.distributed`) the batches are shared out over the
+processes, each a run of consecutive ones, and the per-image values gathered back in
+file order; rank 0 writes the files. The samples of each batch are drawn from a seed
+derived from ``seed`` and the batch's number (``seed`` itself for the first), so the values are exactly those of one
+process, whatever the number of processes (on the same kind of device and thread count).
+
 Summary values that are not finite are written as null: the k-hat mean and max for
 ``K = 1`` or when some image has too few samples for ArviZ's tail fit (about
 ``K < 25``, reported as an infinite k-hat). Each file is written atomically.
@@ -63,7 +69,8 @@ from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from pyro_hvae.config import Config, CustomModelConfig, config_from_yaml
-from pyro_hvae.data import load_splits
+from pyro_hvae.data import derived_seed, load_splits
+from pyro_hvae.distributed import World
 from pyro_hvae.infer.diagnostics import (
     ACTIVE_UNIT_THRESHOLD,
     active_units,
@@ -102,6 +109,7 @@ def evaluate_checkpoint(
     device: torch.device = torch.device("cpu"),
     force: bool = False,
     memory_budget: int | None = None,
+    world: World = World(),
 ) -> dict[str, Any]:
     """Evaluate a run folder (its ``best.pt``, else ``last.pt``) or a ``.pt`` checkpoint.
 
@@ -119,34 +127,38 @@ def evaluate_checkpoint(
     :param force: overwrite results already in the output folder.
     :param memory_budget: bytes the samples of one pass may take when the chunk size is
         chosen here (default :func:`default_memory_budget` of ``device``).
+    :param world: this process's place under torchrun (default: the single process). Every
+        rank returns the results; rank 0 writes them.
     :returns: the contents of ``results.json``; its ``"results"`` entry is its path.
     :raises RunError: for bad arguments, a missing or foreign checkpoint, or existing results.
     """
-    for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size), ("--chunk-size", chunk_size)):
-        if value is not None and value < 1:
-            raise RunError(f"{flag} must be >= 1, got {value}; pass a positive number or leave it out for the run's eval default")
-    if split not in (None, "test", "val"):
-        raise RunError(f"--split must be 'test' or 'val', got {split!r}; the training split is never evaluated")
-    path = _checkpoint_path(Path(target))
-    state = load_checkpoint(path)
-    cfg = config_from_yaml(state["config"], f"{path} (stored config)")
-    K = num_samples or cfg.eval.num_samples
-    split = split or cfg.eval.split
-    batch_size = batch_size or cfg.eval.batch_size
-    chunk_size = chunk_size or cfg.eval.chunk_size
-    results_path = _results_path(out, path.parent, split, K, force)
+    with world.agree():  # files on every rank (results checked by the writer, rank 0)
+        for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size), ("--chunk-size", chunk_size)):
+            if value is not None and value < 1:
+                raise RunError(f"{flag} must be >= 1, got {value}; pass a positive number or leave it out for the run's eval default")
+        if split not in (None, "test", "val"):
+            raise RunError(f"--split must be 'test' or 'val', got {split!r}; the training split is never evaluated")
+        path = _checkpoint_path(Path(target))
+        state = load_checkpoint(path)
+        cfg = config_from_yaml(state["config"], f"{path} (stored config)")
+        K = num_samples or cfg.eval.num_samples
+        split = split or cfg.eval.split
+        batch_size = batch_size or cfg.eval.batch_size
+        chunk_size = chunk_size or cfg.eval.chunk_size
+        results_path = _results_path(out, path.parent, split, K, force or not world.is_main)
 
-    splits = load_splits(cfg.data)
-    vae, hierarchy, ema = _load_vae(state, cfg, splits, path)
+        splits = load_splits(cfg.data)
+        vae, hierarchy, ema = _load_vae(state, cfg, splits, path)
     vae.to(device).eval()
     dataset = getattr(splits, split)
     with torch.no_grad(), pyro.validation_enabled(False), pyro.settings.context(module_local_params=True):
         if chunk_size is None:  # measured before seeding: the samples do not depend on it
             first = dataset.batch(torch.arange(min(batch_size, len(dataset)))).to(device)
             budget = default_memory_budget(device) if memory_budget is None else memory_budget
-            chunk_size = fitting_chunk_size(vae, first, K, budget)
-        pyro.set_rng_seed(seed)
-        per_image, means, unit_kl = _per_image(vae, hierarchy, dataset, K, chunk_size, batch_size, uses_analytic_kl(cfg, hierarchy), device)
+            chunk_size = world.min(fitting_chunk_size(vae, first, K, budget))  # the same on every rank
+        per_image, means, unit_kl = _per_image(
+            vae, hierarchy, dataset, K, chunk_size, batch_size, uses_analytic_kl(cfg, hierarchy), device, seed, world
+        )
 
     sites = [name for name in per_image if name.startswith("kl_")]
     # a conditional hierarchy's likelihood may explain part of each image (a border model:
@@ -177,6 +189,7 @@ def evaluate_checkpoint(
         "batch_size": batch_size,
         "seed": seed,
         "device": str(device),
+        "processes": world.size,
         "data": splits.describe(),
         "likelihood_of": likelihood_of,
         "num_dims": num_dims,
@@ -200,7 +213,8 @@ def evaluate_checkpoint(
         "versions": versions(),
         "results": str(results_path),
     }
-    _write(results_path, results, per_image)
+    if world.is_main:
+        _write(results_path, results, per_image)
     return results
 
 
@@ -258,15 +272,22 @@ def _per_image(
     batch_size: int,
     analytic: bool,
     device: torch.device,
+    seed: int,
+    world: World,
 ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per-image arrays (see the module docstring) and, per latent site, the stacked
     ``[2, N, D]`` Monte Carlo posterior means and their noise variances, and the
-    ``[N, D]`` KL of each unit (sites with a per-unit KL only)."""
+    ``[N, D]`` KL of each unit (sites with a per-unit KL only). Batch ``b`` draws its
+    samples from the seed derived from ``seed`` and ``b``; this rank computes its share
+    of the batches, and every rank returns the values of all of them, in file order."""
     columns: dict[str, list[torch.Tensor]] = {}
     means: dict[str, list[torch.Tensor]] = {}
     unit_kl: dict[str, list[torch.Tensor]] = {}
-    with _Progress(len(dataset)) as progress:
-        for start in range(0, len(dataset), batch_size):
+    starts = range(0, len(dataset), batch_size)
+    mine = [starts[b] for b in world.shard(len(starts))]
+    with _Progress(sum(min(batch_size, len(dataset) - start) for start in mine), quiet=not world.is_main) as progress:
+        for start in mine:
+            pyro.set_rng_seed(_batch_seed(seed, start // batch_size))
             x = dataset.batch(torch.arange(start, min(start + batch_size, len(dataset)))).to(device)
             model_trace, guide_trace = get_traces(vae.model, vae.guide, x)
             observed = model_trace.nodes[hierarchy.observed_site]
@@ -299,6 +320,9 @@ def _per_image(
             for name, (mean, noise) in posterior_moments(vae.model, vae.guide, [x], data_plate=hierarchy.data_plate).items():
                 means.setdefault(name, []).append(torch.stack([mean, noise]).cpu())
             progress.update(x.shape[0])
+    if world.is_distributed:  # every rank's batches, in rank order: file order
+        shares = world.gather((columns, means, unit_kl))
+        columns, means, unit_kl = (_joined([share[part] for share in shares]) for part in range(3))
     per_image = {key: torch.cat(values).double().numpy() for key, values in columns.items()}
     per_image["index"] = dataset.indices.numpy()
     return (
@@ -306,6 +330,22 @@ def _per_image(
         {name: torch.cat(values, dim=1) for name, values in means.items()},
         {name: torch.cat(values) for name, values in unit_kl.items()},
     )
+
+
+def _batch_seed(seed: int, batch: int) -> int:
+    """The seed of batch number ``batch``: ``seed`` itself for the first (so that one batch
+    draws what training's validation draws from that seed), a 32-bit seed derived from both
+    for the others."""
+    return seed if batch == 0 else derived_seed(seed, f"evaluate batch {batch}") % 2**32
+
+
+def _joined(parts: list[dict[str, list]]) -> dict[str, list]:
+    """Each key's lists, one part after the other (a rank without batches has an empty part)."""
+    joined: dict[str, list] = {}
+    for part in parts:
+        for key, values in part.items():
+            joined.setdefault(key, []).extend(values)
+    return joined
 
 
 def _khat(log_weights: torch.Tensor) -> torch.Tensor:
@@ -416,14 +456,16 @@ def fitting_chunk_size(vae: HierarchicalVAE, x: torch.Tensor, num_samples: int, 
 class _Progress:
     """Images done: a tqdm bar when stderr is a terminal, else a line on stderr each time
     another ``every`` of them is done (and at the end), e.g.
-    ``evaluate: 500/10000 images (5%), 0:00:12 elapsed, ETA 0:03:48``."""
+    ``evaluate: 500/10000 images (5%), 0:00:12 elapsed, ETA 0:03:48``; nothing when ``quiet``.
+    Under torchrun rank 0 reports its own share of the images."""
 
-    def __init__(self, total: int, every: float = 0.05):
+    def __init__(self, total: int, every: float = 0.05, quiet: bool = False):
         self.total, self.done = total, 0
+        self.quiet = quiet
         self.interval = max(1, math.ceil(total * every))
         self.next_line = self.interval
         self.start = time.perf_counter()
-        self.bar = tqdm(total=total, unit="img", dynamic_ncols=True) if sys.stderr.isatty() else None
+        self.bar = tqdm(total=total, unit="img", dynamic_ncols=True) if sys.stderr.isatty() and not quiet else None
 
     def __enter__(self) -> "_Progress":
         return self
@@ -436,7 +478,7 @@ class _Progress:
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
-        elif self.done >= self.next_line or self.done == self.total:
+        elif not self.quiet and (self.done >= self.next_line or self.done == self.total):
             elapsed = time.perf_counter() - self.start
             eta = elapsed / self.done * (self.total - self.done)
             print(

@@ -42,6 +42,14 @@ class BatchNorm(nn.BatchNorm1d):
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """:class:`BatchNorm` whose statistics are those of the batch of every process
+    (:class:`torch.nn.SyncBatchNorm`), for inputs ``[..., D]`` as there."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
 class FeatureNet(nn.Sequential):
     """Hidden layers only: ``Linear -> [BatchNorm] -> activation`` for each width.
 

@@ -10,6 +10,14 @@ ELBO, ``best.pt``, and redraw ``kl_per_layer.png`` (:mod:`pyro_hvae.plots`); eve
 resumed run needs to continue exactly as if never stopped. With ``train.max_minutes``
 the loop also stops once that much wall-clock time has passed (``elapsed_s`` in every
 record), after a last validation evaluation of the weights it ends with.
+
+Under torchrun (:mod:`pyro_hvae.distributed`) each process trains on its rows of the
+global batch of ``data.batch_size`` images through
+:class:`~torch.nn.parallel.DistributedDataParallel`, draws its own posterior noise
+(rank 0 the one process's stream, the others streams derived from ``seed`` and their
+rank), evaluates its share of the validation images, and logs and decides on the means
+over the processes; only rank 0 writes the run folder, and rank 0's clock decides when
+``train.max_minutes`` is spent.
 """
 
 from __future__ import annotations
@@ -25,14 +33,16 @@ from typing import Any
 import pyro
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 from tqdm import tqdm
 
 from pyro_hvae.config import Config, ConfigError, TrainConfig, dump_config
 from pyro_hvae.data import InMemoryLoader, Splits, load_splits
+from pyro_hvae.distributed import World, synchronize_batch_norm
 from pyro_hvae.infer.elbo import HierarchicalELBO
 from pyro_hvae.infer.iw import log_likelihood
-from pyro_hvae.infer.step import EMA, TrainStep, UpdateSkipper, kl_weight, warmup_cosine
+from pyro_hvae.infer.step import EMA, HierarchyLoss, TrainStep, UpdateSkipper, kl_weight, warmup_cosine
 from pyro_hvae.models.build import build_hierarchy
 from pyro_hvae.models.protocol import Hierarchy, prior_means, reconstruction_means
 from pyro_hvae.plots import write_kl_plot
@@ -59,16 +69,25 @@ def uses_analytic_kl(cfg: Config, hierarchy: Hierarchy) -> bool:
     return cfg.train.elbo == "analytic" and hierarchy.analytic_kl
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``auto`` (cuda when available)."""
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``cpu``, ``cuda`` or ``auto`` (cuda when available); with ``local_rank`` (one of
+    several processes on a node) the GPU of that index, made the current device."""
     if name == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda: no CUDA device is available here; use --device cpu or --device auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        if local_rank >= torch.cuda.device_count():
+            raise RunError(
+                f"--device cuda: this process has LOCAL_RANK {local_rank} but the node shows "
+                f"{torch.cuda.device_count()} GPUs; start at most that many processes per node (--nproc_per_node)"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
-def _check_speed_options(train: TrainConfig, vae: nn.Module, device: torch.device) -> None:
+def _check_speed_options(train: TrainConfig, vae: nn.Module, device: torch.device, world: World) -> None:
     """Refuse memory and speed options that cannot act on this model or device."""
     if train.gradient_checkpointing and not hasattr(vae, "gradient_checkpointing"):
         raise TrainingError(
@@ -80,12 +99,19 @@ def _check_speed_options(train: TrainConfig, vae: nn.Module, device: torch.devic
             f"train.bf16_autocast needs a CUDA device, but training runs on {device.type}; "
             "use --device cuda or set train.bf16_autocast=false"
         )
+    if train.sync_batch_norm and world.is_distributed and device.type != "cuda":
+        raise TrainingError(
+            "train.sync_batch_norm needs CUDA devices (PyTorch's SyncBatchNorm synchronizes no CPU "
+            "tensors), but training runs on the CPU; use --device cuda or set train.sync_batch_norm=false"
+        )
 
 
 class Trainer:
     """Trains the hierarchy of ``cfg`` and writes the run folder ``run_dir``.
 
     Build it, optionally :meth:`resume` from a checkpoint state, then :meth:`fit`.
+    ``world`` is this process's place in a torchrun run (default: the single process);
+    building the trainer of a distributed run is a collective (DDP shares rank 0's weights).
     """
 
     def __init__(
@@ -96,8 +122,10 @@ class Trainer:
         device: torch.device,
         splits: Splits | None = None,
         overrides: Sequence[str] = (),
+        world: World = World(),
     ):
         self.cfg = cfg
+        self.world = world
         self.overrides = list(overrides)
         self.run_dir = Path(run_dir)
         self.device = device
@@ -108,9 +136,12 @@ class Trainer:
         if getattr(cfg.model, "output_bias", "default") == "data_mean":
             vae.model.start_at_data_mean(self.splits.train.mean())
         train, optim = cfg.train, cfg.optim
-        _check_speed_options(train, vae, device)
+        _check_speed_options(train, vae, device, world)
+        rows = world.batch_rows(cfg.data.batch_size)  # refuses a global batch that does not split
         if train.gradient_checkpointing:
             vae.gradient_checkpointing = True
+        if train.sync_batch_norm and world.is_distributed:
+            vae = synchronize_batch_norm(vae)
         self.memory_format = torch.channels_last if train.channels_last else torch.preserve_format
         self.vae = vae.to(device, memory_format=self.memory_format)
         self.elbo = HierarchicalELBO(
@@ -127,13 +158,20 @@ class Trainer:
         self.ema = EMA(self.vae, train.ema_decay) if train.ema_decay else None
         self.skipper = UpdateSkipper(train.skip_factor)
         self.regularizer = self._spectral_regularizer()
+        loss = None
+        if world.is_distributed:  # gradients averaged over the ranks in the backward pass
+            device_ids = [device.index] if device.type == "cuda" else None
+            loss = DistributedDataParallel(HierarchyLoss(self.vae, self.elbo), device_ids=device_ids)
         self.take_step = TrainStep(
             self.vae.model, self.vae.guide, self.vae, self.elbo, self.optimizer,
             grad_clip=train.grad_clip, skipper=self.skipper, ema=self.ema,
             penalty=self._spectral_penalty if self.regularizer is not None else None,
             autocast=torch.bfloat16 if train.bf16_autocast else None,
+            loss=loss, agree=world.mean,
         )
-        self.loader = InMemoryLoader(self.splits.train, cfg.data.batch_size, shuffle=True, drop_last=True, seed=cfg.seed)
+        self.loader = InMemoryLoader(self.splits.train, cfg.data.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, rows=rows)
+        if world.rank:  # its own posterior noise; rank 0 goes on with the one process's stream
+            pyro.set_rng_seed(world.seed(cfg.seed))
         self.step = 0
         self.best: dict[str, Any] = {"val_elbo": -math.inf, "step": None}
         self.stale_evaluations = 0
@@ -176,12 +214,21 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything :meth:`load_state_dict` needs to continue as if never stopped. The
-        learning-rate schedule is not stored: it follows from ``cfg`` and ``step``."""
+    def _rng_state(self) -> dict[str, torch.Tensor]:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load_state_dict` needs to continue as if never stopped. The
+        learning-rate schedule is not stored: it follows from ``cfg`` and ``step``.
+
+        The random state is rank 0's, with the other ranks' in ``rng["other_ranks"]``
+        (a collective under torchrun: every rank calls it)."""
+        rng = self._rng_state()
+        if self.world.is_distributed:
+            rng["other_ranks"] = self.world.gather(rng)[1:]
         return {
             "kind": "last",
             "config": dump_config(self.cfg),
@@ -198,6 +245,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "data": self.splits.describe(),
             "spectral": self.regularizer.state_dict() if self.regularizer is not None else None,
+            "world_size": self.world.size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -229,18 +277,28 @@ class Trainer:
             # the power iteration goes on from its vectors (a run that turns it on starts it afresh)
             self.regularizer.load_state_dict(state["spectral"])
         self.loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+        others = state["rng"].get("other_ranks", [])
+        rng = state["rng"] if self.world.rank == 0 else others[self.world.rank - 1] if self.world.rank <= len(others) else None
+        if rng is None:  # a run saved by fewer processes: this rank starts a stream of its own
+            pyro.set_rng_seed(self.world.seed(self.cfg.seed + state["step"]))
+        else:
+            torch.set_rng_state(rng["torch"].cpu())
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
         self.step = state["step"]
         self.best = dict(state["best"])
         self.stale_evaluations = state["stale_evaluations"]
         self.train_seconds = state.get("train_seconds", 0.0)  # a last.pt from before the budget existed: 0
 
     def save_last(self) -> None:
-        save_checkpoint(self.run_dir / "last.pt", self.state_dict())
+        """``last.pt``, written by rank 0 (a collective under torchrun)."""
+        state = self.state_dict()
+        if self.world.is_main:
+            save_checkpoint(self.run_dir / "last.pt", state)
 
     def save_best(self, metrics: dict[str, Any]) -> None:
+        if not self.world.is_main:
+            return
         save_checkpoint(
             self.run_dir / "best.pt",
             {
@@ -262,12 +320,13 @@ class Trainer:
         train = self.cfg.train
         end = train.steps if stop_at is None else min(stop_at, train.steps)
         budget = None if train.max_minutes is None else 60.0 * train.max_minutes
-        if self.step == 0:
-            info = {"overrides": self.overrides, "device": str(self.device), "data": self.splits.describe()}
+        main = self.world.is_main
+        if self.step == 0 and main:
+            info = {"overrides": self.overrides, "device": str(self.device), "processes": self.world.size, "data": self.splits.describe()}
             write_run_info(self.run_dir, dump_config(self.cfg), info)
         # a resumed run drops the records a crashed run wrote after its last checkpoint
-        log = MetricsLog(self.run_dir / "metrics.jsonl", self.run_dir / "tensorboard", start_step=self.step)
-        progress = tqdm(total=train.steps, initial=self.step, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        log = MetricsLog(self.run_dir / "metrics.jsonl", self.run_dir / "tensorboard", start_step=self.step) if main else None
+        progress = tqdm(total=train.steps, initial=self.step, disable=not (main and sys.stderr.isatty()), dynamic_ncols=True)
         batches = self.loader.forever()
         stopped_early = out_of_time = False
         window: list = []  # the StepStats since the last log line
@@ -290,12 +349,13 @@ class Trainer:
                     consecutive_skips = consecutive_skips + 1 if stats.skipped else 0
                     self._check_divergence(stats, consecutive_skips)
                     self.train_seconds = seconds_before + time.perf_counter() - clock_start
-                    out_of_time = budget is not None and self.train_seconds >= budget
+                    out_of_time = budget is not None and self.world.from_main(self.train_seconds >= budget)
                     if self.step % train.log_every == 0 or self.step == end or out_of_time:
                         elapsed = time.perf_counter() - window_start
-                        record = self._train_record(window, len(window) * x.shape[0] / max(elapsed, 1e-9))
-                        log.write(record)
-                        self._report(progress, record)
+                        record = self._train_record(window, len(window) * self.cfg.data.batch_size / max(elapsed, 1e-9))
+                        if main:
+                            log.write(record)
+                            self._report(progress, record)
                         window, window_start = [], time.perf_counter()
                     if self.step % train.eval_every == 0 or self.step == train.steps or out_of_time:
                         stopped_early = self._evaluate_and_keep_best(log)
@@ -303,7 +363,8 @@ class Trainer:
                         self.save_last()
         finally:
             progress.close()
-            log.close()
+            if log is not None:
+                log.close()
         return {
             "run_dir": str(self.run_dir),
             "step": self.step,
@@ -316,18 +377,29 @@ class Trainer:
         }
 
     def _first_step(self, x: torch.Tensor):
-        """The first step of a fit, whose validation errors become one clear message."""
+        """The first step of a fit, whose validation errors become one clear message. Under
+        torchrun every rank first checks a forward pass on its batch and the ranks agree on
+        the outcome, so that a rank that fails leaves none waiting in the step's collectives."""
+        if self.world.is_distributed:
+            buffers = [b.detach().clone() for b in self.vae.buffers()]
+            devices = [self.device] if self.device.type == "cuda" else []
+            with self.world.agree(), torch.no_grad(), torch.random.fork_rng(devices=devices):
+                try:
+                    HierarchyLoss(self.vae, self.elbo)(x)
+                except ValueError as err:
+                    raise _first_step_error(err) from None
+            with torch.no_grad():  # the check leaves no trace: no draw, no batch-norm statistics
+                for buffer, saved in zip(self.vae.buffers(), buffers):
+                    buffer.copy_(saved)
         try:
             return self.take_step(x)
         except ValueError as err:
-            problem = str(err).strip().splitlines()[0][:300]
-            raise TrainingError(
-                f"the first training step failed: {problem}; likely causes are data outside the "
-                "likelihood's support, NaN weights in a checkpoint, or a learning rate far too high (optim.lr)"
-            ) from None
+            raise _first_step_error(err) from None
 
     def _check_divergence(self, stats, consecutive_skips: int) -> None:
-        if self.step == 1 and not bool(torch.isfinite(stats.loss)):
+        """Stop a run whose first loss (on any rank) is not finite, or whose updates have all
+        been skipped for a while (every rank skips the same ones)."""
+        if self.step == 1 and not bool(torch.isfinite(self.world.mean(stats.loss))):
             raise TrainingError(
                 "the loss is NaN/inf at the first step: likely causes are data outside the likelihood's "
                 "support or a learning rate far too high (optim.lr); no checkpoint was written"
@@ -341,31 +413,42 @@ class Trainer:
 
     def _train_record(self, window: list, images_per_s: float) -> dict[str, Any]:
         """Means over the steps since the last record (per image; skipped non-finite steps
-        left out, and counted in ``skipped_updates``), and the current state."""
+        left out, and counted in ``skipped_updates``) and over the ranks, and the current
+        state (a collective under torchrun)."""
 
-        def mean(values) -> float:
-            return float(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).nanmean())
+        def mean(values) -> torch.Tensor:
+            return torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in values]).nanmean()
 
-        record = {
-            "kind": "train",
-            "step": self.step,
+        kl, balanced = sorted(window[-1].kl), sorted(window[0].kl_balance)
+        means = {
             "elbo": mean(s.elbo for s in window),
             "loss": mean(s.loss for s in window),
             "reconstruction": mean(s.reconstruction for s in window),
-            "kl": {name: mean(s.kl[name] for s in window) for name in sorted(window[-1].kl)},
-            "beta": self.elbo.beta,
+            **{f"kl/{name}": mean(s.kl[name] for s in window) for name in kl},
             # over the steps of the window during which KL balancing acted (warm-up comes first)
-            "kl_balance": {
-                name: mean(s.kl_balance[name] for s in window if s.kl_balance) for name in sorted(window[0].kl_balance)
-            },
-            "lr": self.scheduler.get_last_lr()[0],
+            **{f"kl_balance/{name}": mean(s.kl_balance[name] for s in window if s.kl_balance) for name in balanced},
             "grad_norm": mean(s.grad_norm for s in window),
+        }
+        if self.regularizer is not None:
+            means["spectral_reg"] = mean(s.penalty for s in window)
+        values = dict(zip(means, self.world.mean(torch.stack(list(means.values()))).tolist()))
+        record = {
+            "kind": "train",
+            "step": self.step,
+            "elbo": values["elbo"],
+            "loss": values["loss"],
+            "reconstruction": values["reconstruction"],
+            "kl": {name: values[f"kl/{name}"] for name in kl},
+            "beta": self.elbo.beta,
+            "kl_balance": {name: values[f"kl_balance/{name}"] for name in balanced},
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": values["grad_norm"],
             "skipped_updates": self.skipper.skipped,
             "images_per_s": images_per_s,
             "elapsed_s": self.train_seconds,
         }
         if self.regularizer is not None:
-            record["spectral_reg"] = mean(s.penalty for s in window)
+            record["spectral_reg"] = values["spectral_reg"]
             record["spectral_lambda"] = self.regularizer.schedule(self.step - 1)
         return record
 
@@ -385,12 +468,14 @@ class Trainer:
 
     # ---------------------------------------------------------- evaluation
 
-    def _evaluate_and_keep_best(self, log: MetricsLog) -> bool:
-        """Evaluate; save images and, when improved, best.pt. Returns whether to stop early."""
+    def _evaluate_and_keep_best(self, log: MetricsLog | None) -> bool:
+        """Evaluate (each rank its share of the validation images); rank 0 saves images and,
+        when improved, best.pt. Returns whether to stop early, the same on every rank."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.cfg.seed + self.step)
-            metrics = evaluate_elbo(self.eval_vae, self.hierarchy, self.splits.val, self.cfg, self.device)
-            self._save_images(self.splits.val if len(self.splits.val) else self.splits.train)
+            torch.manual_seed(self.world.seed(self.cfg.seed + self.step))
+            metrics = evaluate_elbo(self.eval_vae, self.hierarchy, self.splits.val, self.cfg, self.device, self.world)
+            if self.world.is_main:
+                self._save_images(self.splits.val if len(self.splits.val) else self.splits.train)
         # without a validation split (data.val_size: 0) the latest weights count as best
         improved = not metrics or metrics["val_elbo"] > self.best["val_elbo"]
         if improved:
@@ -399,8 +484,9 @@ class Trainer:
             self.save_best(metrics)
         else:
             self.stale_evaluations += 1
-        log.write({"kind": "eval", "step": self.step, "elapsed_s": self.train_seconds, **metrics, "best": improved})
-        self._plot_kl()
+        if log is not None:
+            log.write({"kind": "eval", "step": self.step, "elapsed_s": self.train_seconds, **metrics, "best": improved})
+            self._plot_kl()
         patience = self.cfg.train.early_stopping_patience
         return patience is not None and self.stale_evaluations >= patience
 
@@ -427,34 +513,51 @@ class Trainer:
         vae.train(was_training)
 
 
+def _first_step_error(err: ValueError) -> TrainingError:
+    """The error of a first step that Pyro's validation stopped."""
+    problem = str(err).strip().splitlines()[0][:300]
+    return TrainingError(
+        f"the first training step failed: {problem}; likely causes are data outside the "
+        "likelihood's support, NaN weights in a checkpoint, or a learning rate far too high (optim.lr)"
+    )
+
+
 @torch.no_grad()
-def evaluate_elbo(vae: nn.Module, hierarchy: Hierarchy, dataset, cfg: Config, device: torch.device) -> dict[str, Any]:
+def evaluate_elbo(
+    vae: nn.Module, hierarchy: Hierarchy, dataset, cfg: Config, device: torch.device, world: World = World()
+) -> dict[str, Any]:
     """Validation metrics per image: ELBO, reconstruction, KL per layer and, when
-    ``train.val_num_samples > 0``, an importance-weighted bound with that many samples."""
+    ``train.val_num_samples > 0``, an importance-weighted bound with that many samples.
+    Under torchrun each rank evaluates its share of the images and every rank returns
+    the metrics of them all (a collective)."""
     if len(dataset) == 0:
         return {}
     was_training = vae.training
     vae.eval()
     elbo = HierarchicalELBO(analytic_kl=uses_analytic_kl(cfg, hierarchy), max_plate_nesting=hierarchy.max_plate_nesting)
-    totals: dict[str, Any] = {"elbo": 0.0, "reconstruction": 0.0, "kl": {}, "iw": 0.0}
+    totals: dict[str, float] = {"elbo": 0.0, "reconstruction": 0.0, "iw": 0.0}
     K = cfg.train.val_num_samples
-    for start in range(0, len(dataset), cfg.data.eval_batch_size):
-        index = torch.arange(start, min(start + cfg.data.eval_batch_size, len(dataset)))
+    share = world.shard(len(dataset))
+    for start in range(share.start, share.stop, cfg.data.eval_batch_size):
+        index = torch.arange(start, min(start + cfg.data.eval_batch_size, share.stop))
         x = dataset.batch(index).to(device)
         elbo.differentiable_loss(vae.model, vae.guide, x)
         n = x.shape[0]
         totals["elbo"] += float(elbo.terms["elbo"]) * n
         totals["reconstruction"] += float(elbo.terms["reconstruction"]) * n
         for name, kl in elbo.terms["kl"].items():
-            totals["kl"][name] = totals["kl"].get(name, 0.0) + float(kl) * n
+            totals[f"kl/{name}"] = totals.get(f"kl/{name}", 0.0) + float(kl) * n
         if K:
             totals["iw"] += float(log_likelihood(vae.model, vae.guide, x, num_samples=K, data_plate=hierarchy.data_plate).sum())
     vae.train(was_training)
+    names = sorted(set().union(*world.gather(list(totals))))  # a rank without images saw no KL sites
+    summed = world.sum(torch.tensor([totals.get(name, 0.0) for name in names], dtype=torch.float64))
+    totals = dict(zip(names, (float(v) for v in summed)))
     n = len(dataset)
     metrics = {
         "val_elbo": totals["elbo"] / n,
         "val_reconstruction": totals["reconstruction"] / n,
-        "val_kl": {name: value / n for name, value in sorted(totals["kl"].items())},
+        "val_kl": {name[3:]: value / n for name, value in totals.items() if name.startswith("kl/")},
     }
     if K:
         metrics[f"val_iw_{K}"] = totals["iw"] / n

@@ -18,7 +18,8 @@ from pyro_hvae.train import Trainer
 K = 50
 SUMMARY_KEYS = {
     "checkpoint", "checkpoint_kind", "step", "ema", "split", "num_images", "num_samples", "chunk_size",
-    "batch_size", "seed", "device", "data", "likelihood_of", "num_dims", "elbo", "log_likelihood", "nll_nats", "nll_bits_per_dim",
+    "batch_size", "seed", "device", "processes", "data", "likelihood_of", "num_dims", "elbo", "log_likelihood",
+    "nll_nats", "nll_bits_per_dim",
     "elbo_bits_per_dim", "khat", "ess_fraction", "kl_per_layer", "active_units", "active_units_marginal",
     "active_unit_threshold", "collapsed_layers", "versions", "results",
 }

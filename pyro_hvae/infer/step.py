@@ -113,6 +113,25 @@ class EMA:
         self.updates += 1
 
 
+class HierarchyLoss(nn.Module):
+    """The negative ELBO of a hierarchy as a module holding all of its parameters:
+    ``HierarchyLoss(vae, elbo)(x) = elbo.differentiable_loss(vae.model, vae.guide, x)``.
+
+    Pyro's ``elbo(model, guide)`` holds the model and the guide only where they are
+    modules; this one holds ``vae`` itself, so that the parameters of a hierarchy whose
+    ``model`` and ``guide`` are methods are in it too, and
+    :class:`~torch.nn.parallel.DistributedDataParallel` can wrap it.
+    """
+
+    def __init__(self, vae: nn.Module, elbo: HierarchicalELBO):
+        super().__init__()
+        self.vae = vae
+        self.elbo = elbo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x)
+
+
 @dataclass
 class StepStats:
     """What one step reports; tensors stay on the device until logged."""
@@ -135,6 +154,12 @@ class TrainStep:
     :param penalty: called once per step, a scalar added to the per-image loss.
     :param autocast: a dtype (``torch.bfloat16``) to compute the loss under ``torch.autocast``
         on the batch's device; the backward pass and the update stay outside it.
+    :param loss: the module whose forward is ``-ELBO(x)`` summed over the batch (default
+        ``elbo(model, guide)``); under torchrun a
+        :class:`~torch.nn.parallel.DistributedDataParallel` over a :class:`HierarchyLoss`,
+        whose backward pass averages the gradients of the ranks.
+    :param agree: maps the gradient norm to the value every process of a distributed run
+        decides on (its mean over the ranks), so that all skip the same updates.
     """
 
     def __init__(
@@ -150,8 +175,11 @@ class TrainStep:
         ema: EMA | None = None,
         penalty: Callable[[], torch.Tensor] | None = None,
         autocast: torch.dtype | None = None,
+        loss: nn.Module | None = None,
+        agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
-        self.loss = elbo(model, guide)
+        self.loss = loss if loss is not None else elbo(model, guide)
+        self.agree = agree
         self.penalty = penalty
         self.elbo = elbo
         self.module = module
@@ -172,7 +200,8 @@ class TrainStep:
             loss = loss + penalty
         loss.backward()
         max_norm = self.grad_clip if self.grad_clip is not None else math.inf
-        grad_norm = float(nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        norm = nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        grad_norm = float(self.agree(norm) if self.agree is not None else norm)
         skipped = self.skipper.should_skip(grad_norm)
         if skipped:
             with torch.no_grad():
