@@ -1,21 +1,16 @@
 """bench/inpaint_figure.py draws methods run on the same images and refuses mismatched ones."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "inpaint_figure.py"
+from benches import load_bench
 
 
 @pytest.fixture(scope="module")
 def inpaint_figure():
-    spec = importlib.util.spec_from_file_location("inpaint_figure", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("inpaint_figure")
 
 
 def write_result(folder: Path, index) -> Path:

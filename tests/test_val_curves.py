@@ -1,21 +1,16 @@
 """bench/val_curves.py reads the validation records of a run in step order and draws them."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "val_curves.py"
+from benches import load_bench
 
 
 @pytest.fixture(scope="module")
 def val_curves():
-    spec = importlib.util.spec_from_file_location("val_curves", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("val_curves")
 
 
 def write_run(run_dir: Path, records: list[dict]) -> Path:
