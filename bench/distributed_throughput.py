@@ -1,4 +1,4 @@
-"""Training throughput of one process against several under torchrun (issue 10).
+"""Training throughput of one process against several under torchrun.
 
 Each configuration trains the model of ``examples/mnist.yaml`` (global batch 128) with
 ``torchrun --standalone --nproc_per_node N -m pyro_hvae train`` for ``--steps`` steps,

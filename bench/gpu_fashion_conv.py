@@ -1,4 +1,4 @@
-"""Issue 8's GPU run: train the conv ladder on Fashion-MNIST for a wall-clock budget, then
+"""The GPU run: train the conv ladder on Fashion-MNIST for a wall-clock budget, then
 evaluate it with K = 1000 importance samples on all 10,000 test images.
 
 Prepared and tested on the CPU so that the lent device minutes go to training. What it does:
@@ -75,7 +75,7 @@ from pyro_hvae.run import RunError, prepare_run_dir, read_metrics, versions
 from pyro_hvae.train import Trainer, TrainingError
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "fashion_mnist_conv.yaml"
-#: Issue 8's target for this run: test NLL at K = 1000, nats per image.
+#: The target for this run: test NLL at K = 1000, nats per image.
 TARGET_NATS = 225.0
 #: Fraction of the budget the planned steps fill: evaluations and logging take the rest.
 STEP_FILL = 0.9

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8's GPU run of bench/gpu_fashion_conv.py: prepared here, run on the lent device.
+# The GPU run of bench/gpu_fashion_conv.py: prepared here, run on the lent device.
 #
 #   bash bench/gpu_fashion_conv.sh prepare         here, once: fill gpu_carry/ (git-ignored)
 #   bash bench/gpu_fashion_conv.sh run [ARGS...]   on the device: install the carried wheels,
