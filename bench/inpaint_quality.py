@@ -34,10 +34,7 @@ import pyro
 import torch
 
 from pyro_hvae import BorderLadderVAE, inpaint, make_mask
-from pyro_hvae.evaluate import default_memory_budget, fitting_chunk_size
 from pyro_hvae.use_run import load_run
-
-IMAGES_PER_PASS = 100
 
 
 def summary(values: torch.Tensor) -> tuple[float, float]:
@@ -98,13 +95,9 @@ def measure_conditional(run_dir: Path, num_images: int, num_steps: int, seed: in
     x = test_images(run, num_images)
     pyro.set_rng_seed(seed)
     start = time.perf_counter()
-    # batches of images and chunks of samples that fit the memory budget `pyro-hvae evaluate` uses
-    chunk_size = fitting_chunk_size(run.vae, x[:IMAGES_PER_PASS], num_steps, default_memory_budget(x.device))
-    results = [run.vae.fill(batch, num_samples=num_steps, chunk_size=chunk_size) for batch in x.split(IMAGES_PER_PASS)]
-    predictive_mean = torch.cat([r.predictive_mean for r in results])
-    log_prob = torch.cat([r.missing_log_prob for r in results])
-    return make_row(run, x, ~run.vae.mask, "conditioned on the border", num_steps, predictive_mean,
-                    log_prob, time.perf_counter() - start)
+    result = run.vae.fill(x, num_samples=num_steps)  # samples in chunks that fit evaluate's memory budget
+    return make_row(run, x, ~run.vae.mask, "conditioned on the border", num_steps, result.predictive_mean,
+                    result.missing_log_prob, time.perf_counter() - start)
 
 
 def main() -> None:

@@ -456,7 +456,9 @@ class BorderLadderVAE(ConditionalLadderVAE):
           ``log p(x_c | x_b)`` at the values ``x`` holds in the hidden region, with ``K``
           samples of the guide ``q(z | x)``: pass complete images whose region was hidden.
 
-        Only the border of ``x`` is read for the fill; call ``vae.eval()`` first.
+        Only the border of ``x`` is read for the fill; call ``vae.eval()`` first. The
+        importance samples go ``chunk_size`` at a time; by default as many as fit the memory
+        budget that ``pyro-hvae evaluate`` uses (:func:`~pyro_hvae.evaluate.fitting_chunk_size`).
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -465,5 +467,9 @@ class BorderLadderVAE(ConditionalLadderVAE):
         for _ in range(num_samples):
             site = poutine.trace(self.model).get_trace(None, x).nodes["x"]
             total += site["fn"].mean
+        if chunk_size is None:
+            from pyro_hvae.evaluate import default_memory_budget, fitting_chunk_size  # evaluate builds the models
+
+            chunk_size = fitting_chunk_size(self, x, num_samples, default_memory_budget(x.device))
         estimate = log_likelihood(self.model, self.guide, x, num_samples=num_samples, chunk_size=chunk_size)
         return Inpainting(site["value"], None, total / num_samples, estimate)
