@@ -141,13 +141,14 @@ def _training_config(args, out, resume, force):
 @click.argument("target", type=click.Path(path_type=Path), metavar="RUN_DIR_OR_CHECKPOINT")
 @click.option("--num-samples", "-K", type=int, default=None, help="Importance samples per image (default: the run's eval.num_samples).")
 @click.option("--split", type=click.Choice(["test", "val"]), default=None, help="Data split (default: the run's eval.split).")
+@click.option("--images", "num_images", type=int, default=None, help="Evaluate only the first N images of the split, in file order (default: all).")
 @click.option("--batch-size", type=int, default=None, help="Images per batch (default: the run's eval.batch_size).")
 @click.option("--chunk-size", type=int, default=None, help="Importance samples per forward pass (default: the run's eval.chunk_size, else the most that fit in 1 GiB on CPU or half the free GPU memory).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the importance samples.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="results.json path (default: RUN_DIR/eval-<split>-K<K>/results.json).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="results.json path (default: RUN_DIR/eval-<split>-K<K>[-first<N>]/results.json).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite existing results.")
-def evaluate(target, num_samples, split, batch_size, chunk_size, seed, out, device, force):
+def evaluate(target, num_samples, split, num_images, batch_size, chunk_size, seed, out, device, force):
     """Importance-weighted log-likelihood of a trained run, with PSIS diagnostics
     (under torchrun: the images shared out over the processes)."""
     from pyro_hvae.distributed import launch
@@ -161,6 +162,7 @@ def evaluate(target, num_samples, split, batch_size, chunk_size, seed, out, devi
             target,
             num_samples=num_samples,
             split=split,
+            num_images=num_images,
             batch_size=batch_size,
             chunk_size=chunk_size,
             seed=seed,
@@ -170,7 +172,7 @@ def evaluate(target, num_samples, split, batch_size, chunk_size, seed, out, devi
             world=world,
         )
     if world.is_main:
-        click.echo(json.dumps({k: results[k] for k in ("nll_nats", "nll_bits_per_dim", "elbo", "num_samples", "chunk_size", "split", "results")}))
+        click.echo(json.dumps({k: results[k] for k in ("nll_nats", "nll_bits_per_dim", "elbo", "num_samples", "num_images", "chunk_size", "split", "results")}))
 
 
 _run_argument = click.argument("target", type=click.Path(path_type=Path), metavar="RUN_DIR_OR_CHECKPOINT")

@@ -205,6 +205,10 @@ class ImageDataset(Dataset):
         """Shape of one image, e.g. ``(1, 28, 28)``."""
         return tuple(self.images.shape[1:])
 
+    def head(self, n: int) -> "ImageDataset":
+        """The first ``n`` images, in the order they are stored (file order for the test split)."""
+        return ImageDataset(self.images[:n], self.indices[:n], self.levels, self.dynamic)
+
     def mean(self) -> torch.Tensor:
         """The mean image ``[C, H, W]``: each pixel's mean value (for dynamic binarization,
         the probability of a 1)."""

@@ -102,6 +102,7 @@ def evaluate_checkpoint(
     *,
     num_samples: int | None = None,
     split: str | None = None,
+    num_images: int | None = None,
     batch_size: int | None = None,
     chunk_size: int | None = None,
     seed: int = 0,
@@ -116,6 +117,9 @@ def evaluate_checkpoint(
     :param target: run folder or checkpoint file.
     :param num_samples: importance samples ``K >= 1`` per image (default ``eval.num_samples``).
     :param split: ``"test"`` or ``"val"`` (default ``eval.split``).
+    :param num_images: evaluate only the first ``num_images`` images of the split, in file
+        order (default: all), e.g. K = 1000 on the first 1,000 test images where K = 1000
+        on all of them would take too long.
     :param batch_size: images per batch (default ``eval.batch_size``).
     :param chunk_size: importance samples per forward pass (default ``eval.chunk_size``;
         where that is null, the largest that fits ``memory_budget``, see
@@ -133,7 +137,9 @@ def evaluate_checkpoint(
     :raises RunError: for bad arguments, a missing or foreign checkpoint, or existing results.
     """
     with world.agree():  # files on every rank (results checked by the writer, rank 0)
-        for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size), ("--chunk-size", chunk_size)):
+        for flag, value in (
+            ("--num-samples", num_samples), ("--images", num_images), ("--batch-size", batch_size), ("--chunk-size", chunk_size)
+        ):
             if value is not None and value < 1:
                 raise RunError(f"{flag} must be >= 1, got {value}; pass a positive number or leave it out for the run's eval default")
         if split not in (None, "test", "val"):
@@ -145,12 +151,19 @@ def evaluate_checkpoint(
         split = split or cfg.eval.split
         batch_size = batch_size or cfg.eval.batch_size
         chunk_size = chunk_size or cfg.eval.chunk_size
-        results_path = _results_path(out, path.parent, split, K, force or not world.is_main)
+        results_path = _results_path(out, path.parent, split, K, num_images, force or not world.is_main)
 
         splits = load_splits(cfg.data)
+        dataset = getattr(splits, split)
+        if num_images is not None:
+            if num_images > len(dataset):
+                raise RunError(
+                    f"--images {num_images} is more than the {len(dataset)} images of the {split} split; "
+                    f"pass at most {len(dataset)}, or leave it out to evaluate them all"
+                )
+            dataset = dataset.head(num_images)
         vae, hierarchy, ema = _load_vae(state, cfg, splits, path)
     vae.to(device).eval()
-    dataset = getattr(splits, split)
     with torch.no_grad(), pyro.validation_enabled(False), pyro.settings.context(module_local_params=True):
         if chunk_size is None:  # measured before seeding: the samples do not depend on it
             first = dataset.batch(torch.arange(min(batch_size, len(dataset)))).to(device)
@@ -184,6 +197,7 @@ def evaluate_checkpoint(
         "ema": ema,
         "split": split,
         "num_images": len(dataset),
+        "first_images_only": num_images is not None,
         "num_samples": K,
         "chunk_size": chunk_size,
         "batch_size": batch_size,
@@ -230,10 +244,11 @@ def _checkpoint_path(target: Path) -> Path:
     raise RunError(f"{target} holds no best.pt or last.pt; pass a run folder of pyro-hvae train that has saved a checkpoint")
 
 
-def _results_path(out: str | Path | None, run_dir: Path, split: str, K: int, force: bool) -> Path:
+def _results_path(out: str | Path | None, run_dir: Path, split: str, K: int, num_images: int | None, force: bool) -> Path:
     """Where ``results.json`` goes; refuses a folder that already holds results unless ``force``."""
     if out is None:
-        path = run_dir / f"eval-{split}-K{K}" / "results.json"
+        first = "" if num_images is None else f"-first{num_images}"
+        path = run_dir / f"eval-{split}-K{K}{first}" / "results.json"
     else:
         path = Path(out) / "results.json" if Path(out).is_dir() else Path(out)
     existing = [p.name for p in (path, *(path.parent / name for name in COMPANIONS)) if p.exists()]

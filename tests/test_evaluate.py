@@ -17,7 +17,7 @@ from pyro_hvae.train import Trainer
 
 K = 50
 SUMMARY_KEYS = {
-    "checkpoint", "checkpoint_kind", "step", "ema", "split", "num_images", "num_samples", "chunk_size",
+    "checkpoint", "checkpoint_kind", "step", "ema", "split", "num_images", "first_images_only", "num_samples", "chunk_size",
     "batch_size", "seed", "device", "processes", "data", "likelihood_of", "num_dims", "elbo", "log_likelihood",
     "nll_nats", "nll_bits_per_dim",
     "elbo_bits_per_dim", "khat", "ess_fraction", "kl_per_layer", "active_units", "active_units_marginal",
@@ -110,6 +110,20 @@ def test_same_seed_same_results_other_seed_other_results(baseline, run_dir, tmp_
         np.testing.assert_array_equal(again_per_image[key], value, err_msg=key)
     _, other = evaluate(run_dir, tmp_path, "seed1", seed=1)
     assert not np.array_equal(other["log_likelihood"], per_image["log_likelihood"])
+
+
+def test_first_images_are_those_of_the_whole_split(run_dir, tmp_path):
+    """``--images N``: the first N images in file order, each with the draws it gets in a whole-split evaluation."""
+    whole, whole_per_image = evaluate(run_dir, tmp_path, "whole", batch_size=20)
+    first, first_per_image = evaluate(run_dir, tmp_path, "first", batch_size=20, num_images=40)
+    assert (first["num_images"], first["first_images_only"], whole["first_images_only"]) == (40, True, False)
+    for key, value in first_per_image.items():
+        np.testing.assert_array_equal(value, whole_per_image[key][:40], err_msg=key)
+    assert first["log_likelihood"] == pytest.approx(whole_per_image["log_likelihood"][:40].mean())
+    result = CliRunner().invoke(main, ["evaluate", str(run_dir), "-K", "3", "--images", "10", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"] == str(run_dir / "eval-val-K3-first10" / "results.json")
+    shutil.rmtree(run_dir / "eval-val-K3-first10")
 
 
 def test_run_without_best_uses_the_ema_of_last(baseline, run_dir, tmp_path):
@@ -215,6 +229,8 @@ def _truncated(path, run_dir):
     [
         ("zero_samples", "--num-samples must be >= 1, got 0"),
         ("zero_batch", "--batch-size must be >= 1, got 0"),
+        ("zero_images", "--images must be >= 1, got 0"),
+        ("too_many_images", "--images 101 is more than the 100 images of the val split; pass at most 100"),
         ("foreign", "is not a pyro-hvae checkpoint"),
         ("truncated", "truncated, corrupt"),
         ("missing", "does not exist"),
@@ -227,6 +243,8 @@ def test_cli_bad_input_is_one_error_line(case, message, run_dir, tmp_path):
         extra = ["--num-samples", "0"]
     elif case == "zero_batch":
         extra = ["--batch-size", "0"]
+    elif case in ("zero_images", "too_many_images"):
+        extra = ["--images", "0" if case == "zero_images" else "101"]
     elif case == "foreign":
         target = _foreign(tmp_path / "model.pt")
     elif case == "truncated":
