@@ -20,7 +20,7 @@ IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (
 
 
 def test_there_are_examples():
-    assert {"mnist_conv.yaml", "fashion_mnist_conv.yaml", "cifar10.yaml", "smoke_conv.yaml"} <= {c.name for c in CONFIGS}
+    assert {"mnist_conv.yaml", "fashion_mnist_conv.yaml", "fashion_mnist_conv_8bit.yaml", "cifar10.yaml", "smoke_conv.yaml"} <= {c.name for c in CONFIGS}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])

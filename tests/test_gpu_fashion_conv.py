@@ -15,10 +15,10 @@ import gpu_fashion_conv  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: examples/fashion_mnist_conv.yaml made tiny: its scales and likelihood, 8 channels, one group per scale
+#: examples/fashion_mnist_conv.yaml made tiny: its scales, binarization and likelihood, 8 channels, one group per scale
 TINY = [
     "data.val_size=8", "data.batch_size=8", "data.eval_batch_size=8", "eval.batch_size=2",
-    "model.widths=8", "model.latent_channels=2", "model.groups_per_scale=[1,1]", "model.num_mixtures=2",
+    "model.widths=8", "model.latent_channels=2", "model.groups_per_scale=[1,1]",
     "train.log_every=2",
 ]
 
