@@ -44,6 +44,17 @@ def tiny(data_root, tmp_path) -> Path:
     return config
 
 
+@pytest.fixture
+def strokes(tmp_path) -> Path:
+    """80 random 6x6 black-and-white images as an npz file (``data.dataset=npz``); its test split is the first 8."""
+    import numpy as np
+
+    images = (np.random.default_rng(0).random((80, 6, 6)) < 0.3).astype(np.uint8) * 255
+    path = tmp_path / "strokes.npz"
+    np.savez(path, train=images, test=images[:8])
+    return path
+
+
 @pytest.fixture(scope="session")
 def mnist_binary(data_root) -> torch.Tensor:
     """The first 512 real MNIST training digits, binarized once with a fixed seed: [512, 1, 28, 28]."""

@@ -20,28 +20,19 @@ BASE = [
 ]
 
 
-@pytest.fixture
-def data(tmp_path):
-    images = (np.random.default_rng(0).random((80, 6, 6)) < 0.3).astype(np.uint8) * 255
-    path = tmp_path / "strokes.npz"
-    np.savez(path, train=images, test=images[:8])
-    return path
-
-
-
-def train_to(data, folder, steps, stop_at, *extra):
-    cfg = load_config(None, [*BASE, f"data.path={data}", f"train.steps={steps}", *extra])
+def train_to(strokes, folder, steps, stop_at, *extra):
+    cfg = load_config(None, [*BASE, f"data.path={strokes}", f"train.steps={steps}", *extra])
     trainer = Trainer(cfg, prepare_run_dir(folder), device=torch.device("cpu"))
     trainer.fit(stop_at=stop_at)
     return trainer
 
 
-def test_resumed_optimizer_uses_the_overridden_hyperparameters(data, tmp_path):
+def test_resumed_optimizer_uses_the_overridden_hyperparameters(strokes, tmp_path):
     folder = tmp_path / "run"
-    train_to(data, folder, 40, 20)
+    train_to(strokes, folder, 40, 20)
     state = torch.load(folder / "last.pt", weights_only=True)
     new = ["optim.lr=1e-2", "optim.min_lr=1e-3", "optim.betas=[0.5,0.9]", "optim.weight_decay=0.01"]
-    cfg = load_config(None, [*BASE, f"data.path={data}", "train.steps=40", *new])
+    cfg = load_config(None, [*BASE, f"data.path={strokes}", "train.steps=40", *new])
     trainer = Trainer(cfg, folder, device=torch.device("cpu"))
     trainer.load_state_dict(state)
     expected = 1e-2 * warmup_cosine(20, warmup_steps=4, total_steps=40, min_ratio=0.1)
@@ -66,26 +57,26 @@ def test_resumed_optimizer_uses_the_overridden_hyperparameters(data, tmp_path):
     assert json.loads((folder / "run.json").read_text())["resumes"][-1]["overrides"] == new
 
 
-def test_resume_refuses_another_optimizer_or_other_images(data, tmp_path):
+def test_resume_refuses_another_optimizer_or_other_images(strokes, tmp_path):
     folder = tmp_path / "run"
-    train_to(data, folder, 20, 10)
+    train_to(strokes, folder, 20, 10)
     before = (folder / "last.pt").read_bytes()
     result = run("train", "--resume", folder, "optim.name=adam")
     assert result.exit_code == 2 and result.output.count("error:") == 1
     assert "error: --resume: optim.name cannot change (adamax -> adam)" in result.output
     images = (np.random.default_rng(1).random((80, 6, 6)) < 0.3).astype(np.uint8) * 255
-    np.savez(data, train=images, test=images[:8])
+    np.savez(strokes, train=images, test=images[:8])
     result = run("train", "--resume", folder)
     assert result.exit_code == 2 and result.output.count("error:") == 1
     assert "error: --resume: the images at data.path differ from those the run was trained on" in result.output
     assert (folder / "last.pt").read_bytes() == before
 
 
-def test_a_crash_after_the_checkpoint_leaves_no_duplicate_metrics(data, tmp_path):
+def test_a_crash_after_the_checkpoint_leaves_no_duplicate_metrics(strokes, tmp_path):
     whole = tmp_path / "whole"
-    train_to(data, whole, 40, None, "train.checkpoint_every=1000")
+    train_to(strokes, whole, 40, None, "train.checkpoint_every=1000")
     folder = tmp_path / "crashed"
-    trainer = train_to(data, folder, 40, 20, "train.checkpoint_every=1000")  # last.pt at step 20
+    trainer = train_to(strokes, folder, 40, 20, "train.checkpoint_every=1000")  # last.pt at step 20
 
     def crash():
         raise RuntimeError("the machine went down")

@@ -2,7 +2,6 @@
 ends with so that best.pt is chosen among them, and counts the time over resumes.
 Runs on a small synthetic npz file."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,23 +18,15 @@ BASE = [
 ]
 
 
-@pytest.fixture
-def data(tmp_path):
-    images = (np.random.default_rng(0).random((80, 6, 6)) < 0.3).astype(np.uint8) * 255
-    path = tmp_path / "strokes.npz"
-    np.savez(path, train=images, test=images[:8])
-    return path
-
-
-def trainer(data, folder, *extra):
-    cfg = load_config(None, [*BASE, f"data.path={data}", *extra])
+def trainer(strokes, folder, *extra):
+    cfg = load_config(None, [*BASE, f"data.path={strokes}", *extra])
     return Trainer(cfg, folder, device=torch.device("cpu"))
 
 
-def test_training_stops_on_its_budget_after_evaluating_its_last_weights(data, tmp_path):
+def test_training_stops_on_its_budget_after_evaluating_its_last_weights(strokes, tmp_path):
     folder = prepare_run_dir(tmp_path / "run")
     # no evaluation but the one the budget forces: eval_every is beyond reach
-    summary = trainer(data, folder, "train.max_minutes=0.01", "train.eval_every=1000000").fit()
+    summary = trainer(strokes, folder, "train.max_minutes=0.01", "train.eval_every=1000000").fit()
     assert summary["stopped_for_time"] and not summary["stopped_early"]
     assert 0.6 <= summary["train_seconds"] < 30 and 1 < summary["step"] < 1000000
     records = read_metrics(folder / "metrics.jsonl")
@@ -48,15 +39,15 @@ def test_training_stops_on_its_budget_after_evaluating_its_last_weights(data, tm
     assert last["step"] == summary["step"] and last["train_seconds"] == summary["train_seconds"]
 
 
-def test_budget_is_counted_over_resumes(data, tmp_path):
+def test_budget_is_counted_over_resumes(strokes, tmp_path):
     folder = prepare_run_dir(tmp_path / "run")
-    first = trainer(data, folder, "train.eval_every=5")
+    first = trainer(strokes, folder, "train.eval_every=5")
     first.fit(stop_at=20)
     spent = first.train_seconds
     assert spent > 0 and load_checkpoint(folder / "last.pt")["train_seconds"] == spent
 
     # a budget already spent by the first part: the resumed run takes one step, then stops
-    resumed = trainer(data, folder, "train.eval_every=5", f"train.max_minutes={spent / 60}")
+    resumed = trainer(strokes, folder, "train.eval_every=5", f"train.max_minutes={spent / 60}")
     resumed.load_state_dict(load_checkpoint(folder / "last.pt"))
     summary = resumed.fit()
     assert summary["stopped_for_time"] and summary["step"] == 21 and summary["train_seconds"] > spent
@@ -64,11 +55,11 @@ def test_budget_is_counted_over_resumes(data, tmp_path):
     assert elapsed == sorted(elapsed) and len(elapsed) == 5  # steps 5, 10, 15, 20, then 21
 
 
-def test_without_a_budget_the_run_ends_at_its_steps(data, tmp_path):
-    summary = trainer(data, prepare_run_dir(tmp_path / "run"), "train.steps=12", "train.eval_every=6").fit()
+def test_without_a_budget_the_run_ends_at_its_steps(strokes, tmp_path):
+    summary = trainer(strokes, prepare_run_dir(tmp_path / "run"), "train.steps=12", "train.eval_every=6").fit()
     assert summary["step"] == 12 and not summary["stopped_for_time"]
 
 
-def test_a_budget_that_is_not_positive_is_refused(data):
+def test_a_budget_that_is_not_positive_is_refused(strokes):
     with pytest.raises(ConfigError, match="max_minutes"):
-        load_config(None, [*BASE, f"data.path={data}", "train.max_minutes=0"])
+        load_config(None, [*BASE, f"data.path={strokes}", "train.max_minutes=0"])
