@@ -39,3 +39,29 @@ def test_main_writes_the_figure(tmp_path, val_curves, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["val_curves.py", f"seed0={run}", "--target", "95", "--out", str(out)])
     val_curves.main()
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_first_crossing_interpolates_where_the_lower_curve_overtakes(val_curves):
+    # b: -110 at 0, -90 at 10; a flat at -100: b crosses at 5 minutes
+    assert val_curves.first_crossing([0, 10], [-100, -100], [0, 10], [-110, -90]) == pytest.approx(5.0)
+    # a rises from -100 to -96 over [0, 4]; b, flat at -98 from 2 on, starts level with a: nothing to cross
+    assert val_curves.first_crossing([0, 4], [-100, -96], [2, 4], [-98, -98]) is None
+    # b meets a at 4 minutes (both -100) and is above it after: the crossing is at 4
+    assert val_curves.first_crossing([0, 4, 8], [-100, -100, -95], [0, 8], [-108, -92]) == pytest.approx(4.0)
+
+
+def test_first_crossing_none_when_never_above_or_no_overlap(val_curves):
+    assert val_curves.first_crossing([0, 10], [-100, -90], [0, 10], [-120, -91]) is None
+    assert val_curves.first_crossing([0, 1], [-100, -90], [2, 3], [-80, -70]) is None  # no common minutes
+
+
+def test_main_against_minutes_prints_the_crossing(tmp_path, val_curves, monkeypatch, capsys):
+    mlp = write_run(tmp_path / "mlp", [{"kind": "eval", "step": s, "elapsed_s": 60 * m, "val_elbo": v}
+                                       for s, m, v in ((1000, 1, -100.0), (2000, 2, -99.0), (3000, 3, -98.0))])
+    conv = write_run(tmp_path / "conv", [{"kind": "eval", "step": s, "elapsed_s": 60 * m, "val_elbo": v}
+                                         for s, m, v in ((100, 1, -110.0), (200, 3, -90.0))])
+    out = tmp_path / "curve.png"
+    monkeypatch.setattr(sys, "argv", ["val_curves.py", f"MLP={mlp}", f"conv={conv}", "--against", "minutes", "--out", str(out)])
+    val_curves.main()
+    # conv - MLP: -10 at 1 minute, -1 at 2 (conv -100, MLP -99), +8 at 3: the crossing is at 2 + 1/9
+    assert capsys.readouterr().out.splitlines()[-1] == f"conv rises above MLP after {2 + 1 / 9:.1f} minutes"
