@@ -52,8 +52,8 @@ from pyro_hvae.infer.iw import log_likelihood
 from pyro_hvae.train import Trainer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-#: config name -> (data set, kind) of the default comparison
-DEFAULT_CONFIGS = ("fashion_mnist_conv", "fashion_mnist", "mnist_conv", "mnist")
+#: the configs compared by default (names of examples/*.yaml): each conv ladder beside the MLP ladder of its data set
+DEFAULT_CONFIGS = ("fashion_mnist_conv_8bit", "fashion_mnist", "mnist_conv", "mnist")
 
 
 def count_flops(run) -> int:
