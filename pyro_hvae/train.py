@@ -290,8 +290,18 @@ class Trainer:
         self.stale_evaluations = state["stale_evaluations"]
         self.train_seconds = state.get("train_seconds", 0.0)  # a last.pt from before the budget existed: 0
 
+    def _share_buffers(self) -> None:
+        """Give every rank rank 0's buffers (batch-norm running statistics), of the weights
+        and of their EMA. DDP broadcasts the weights' buffers before each forward pass only,
+        so after a step each rank's have moved with its own rows, and each rank's EMA has
+        averaged those; evaluations and checkpoints use rank 0's, so that a resumed run,
+        which loads rank 0's, goes on as the uninterrupted one (a collective under torchrun)."""
+        modules = [self.vae] if self.ema is None else [self.vae, self.ema.shadow]
+        self.world.share_(buffer for module in modules for buffer in module.buffers())
+
     def save_last(self) -> None:
         """``last.pt``, written by rank 0 (a collective under torchrun)."""
+        self._share_buffers()
         state = self.state_dict()
         if self.world.is_main:
             save_checkpoint(self.run_dir / "last.pt", state)
@@ -471,6 +481,7 @@ class Trainer:
     def _evaluate_and_keep_best(self, log: MetricsLog | None) -> bool:
         """Evaluate (each rank its share of the validation images); rank 0 saves images and,
         when improved, best.pt. Returns whether to stop early, the same on every rank."""
+        self._share_buffers()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.world.seed(self.cfg.seed + self.step))
             metrics = evaluate_elbo(self.eval_vae, self.hierarchy, self.splits.val, self.cfg, self.device, self.world)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from distrun import TIMEOUT_S, cli, run_ranks
+from distrun import REPO, TIMEOUT_S, cli, run_ranks, torchrun
 from pyro_hvae.config import ConfigError, load_config
 from pyro_hvae.distributed import World, launch, synchronize_batch_norm
 from pyro_hvae.nn import FeatureNet
@@ -26,7 +26,6 @@ from pyro_hvae.train import Trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = Path(__file__).with_name("dist_models.py")
-REPO = Path(__file__).resolve().parents[1]
 
 #: Tolerance of the parameters of two processes against one: float32 sums of the same
 #: per-image gradients in another order (two half-batch means averaged, one mean of all).
@@ -136,9 +135,38 @@ def test_a_resumed_two_process_run_continues_exactly(ladder, tmp_path):
     for rank, (straight, resumed) in enumerate(ranks):
         for name, value in straight.items():
             assert torch.equal(resumed[name], value), (rank, name)
-    # the weights are rank 0's everywhere; batch-norm statistics are each rank's own since its last step
+    # the weights are rank 0's everywhere, and so are the batch-norm statistics after a checkpoint
     for name, value in ranks[0][0].items():
-        assert torch.equal(ranks[1][0][name], value) or "running" in name, name
+        assert torch.equal(ranks[1][0][name], value), name
+
+
+def test_resume_under_torchrun_continues_as_the_uninterrupted_run(ladder, tmp_path):
+    """``torchrun ... train CONFIG`` for 3 steps, then ``torchrun ... train --resume RUN
+    train.steps=6``, against 6 steps straight on two processes: the same weights, EMA
+    and records. The learning rate stays at ``optim.lr`` after the warm-up
+    (``optim.min_lr`` equal to it), so that the schedule does not depend on ``train.steps``."""
+    flat = ["optim.min_lr=0.01", "train.log_every=3"]
+    run = tmp_path / "run"
+    first = torchrun("train", ladder, *flat, "train.steps=3", "--out", run, "--device", "cpu")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout)["step"] == 3
+    resumed = torchrun("train", "--resume", run, "train.steps=6", "--device", "cpu")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout)["step"] == 6 and f"resuming {run} at step 3 on 2 processes (cpu)" in resumed.stderr
+    (code, _, stderr), _ = run_ranks(cli, "train", ladder, *flat, "--out", tmp_path / "straight", "--device", "cpu")
+    assert code == 0, stderr
+    straight, continued = (load_checkpoint(tmp_path / name / "last.pt") for name in ("straight", "run"))
+    assert continued["step"] == straight["step"] == 6
+    for part in ("model", "ema"):
+        for name, value in straight[part].items():
+            assert torch.equal(continued[part][name], value), (part, name)
+    # one record per step and kind, the resumed run's equal to the straight run's
+    logged = [read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "run")]
+    assert [(r["kind"], r["step"]) for r in logged[1]] == [("train", 3), ("eval", 3), ("train", 6), ("eval", 6)]
+    for single, shared in zip(*logged, strict=True):
+        timing = ("images_per_s", "elapsed_s")
+        assert {k: v for k, v in shared.items() if k not in timing} == {k: v for k, v in single.items() if k not in timing}
+    assert json.loads((run / "run.json").read_text())["resumes"][0]["step"] == 3
 
 
 @pytest.mark.parametrize(
@@ -203,10 +231,7 @@ def test_two_process_evaluation_gives_the_values_of_one_in_file_order(trained, t
         _evaluate(trained, tmp_path / f"one-{batch_size}", batch_size)
     results = run_ranks(_evaluate, trained, tmp_path / "two-3", 3)
     assert results[1] == "" and json.loads(results[0])["results"] == str(tmp_path / "two-3" / "results.json")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pyro_hvae"]
-    command = [*torchrun, "evaluate", trained, "--out", tmp_path / "two-2" / "results.json", "-K", "4", "--batch-size", "2", "--device", "cpu"]
-    done = subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    done = torchrun("evaluate", trained, "--out", tmp_path / "two-2" / "results.json", "-K", 4, "--batch-size", 2, "--device", "cpu")
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(done.stdout.strip().splitlines()) == 1  # rank 0 alone prints the summary
     for batch_size in (3, 2):
