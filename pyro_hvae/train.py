@@ -11,12 +11,15 @@ resumed run needs to continue exactly as if never stopped. With ``train.max_minu
 the loop also stops once that much wall-clock time has passed (``elapsed_s`` in every
 record), after a last validation evaluation of the weights it ends with.
 
-Under torchrun (:mod:`pyro_hvae.distributed`) each process trains on its rows of the
-global batch of ``data.batch_size`` images through
-:class:`~torch.nn.parallel.DistributedDataParallel`, draws its own posterior noise
-(rank 0 the one process's stream, the others streams derived from ``seed`` and their
-rank), evaluates its share of the validation images, and logs and decides on the means
-over the processes; only rank 0 writes the run folder, and rank 0's clock decides when
+The posterior noise of the training steps is drawn per row of the global batch
+(:class:`~pyro_hvae.infer.noise.RowNoise`, from a stream seeded from ``seed``), so that
+under torchrun (:mod:`pyro_hvae.distributed`) a row gets the noise it gets in one
+process. There each process trains on its rows of the global batch of
+``data.batch_size`` images through :class:`~torch.nn.parallel.DistributedDataParallel`,
+draws the noise of sites that ``RowNoise`` leaves alone from a stream of its own (rank 0
+the one process's, the others streams derived from ``seed`` and their rank), evaluates
+its share of the validation images, and logs and decides on the means over the
+processes; only rank 0 writes the run folder, and rank 0's clock decides when
 ``train.max_minutes`` is spent.
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -38,10 +42,11 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from pyro_hvae.config import Config, ConfigError, TrainConfig, dump_config
-from pyro_hvae.data import InMemoryLoader, Splits, load_splits
+from pyro_hvae.data import InMemoryLoader, Splits, derived_seed, load_splits
 from pyro_hvae.distributed import World, synchronize_batch_norm
 from pyro_hvae.infer.elbo import HierarchicalELBO
 from pyro_hvae.infer.iw import log_likelihood
+from pyro_hvae.infer.noise import RowNoise
 from pyro_hvae.infer.step import EMA, HierarchyLoss, TrainStep, UpdateSkipper, kl_weight, warmup_cosine
 from pyro_hvae.models.build import build_hierarchy
 from pyro_hvae.models.protocol import Hierarchy, prior_means, reconstruction_means
@@ -170,7 +175,10 @@ class Trainer:
             loss=loss, agree=world.mean,
         )
         self.loader = InMemoryLoader(self.splits.train, cfg.data.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, rows=rows)
-        if world.rank:  # its own posterior noise; rank 0 goes on with the one process's stream
+        # posterior noise per row of the global batch, the same stream on every rank
+        noise = torch.Generator(device).manual_seed(derived_seed(cfg.seed, "posterior noise"))
+        self.noise = RowNoise(noise, cfg.data.batch_size, rows, self.hierarchy.data_plate)
+        if world.rank:  # for the sites RowNoise leaves alone; rank 0 goes on with the one process's stream
             pyro.set_rng_seed(world.seed(cfg.seed))
         self.step = 0
         self.best: dict[str, Any] = {"val_elbo": -math.inf, "step": None}
@@ -215,7 +223,7 @@ class Trainer:
     # ---------------------------------------------------------------- state
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
-        rng = {"torch": torch.get_rng_state()}
+        rng = {"torch": torch.get_rng_state(), "posterior_noise": self.noise.generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return rng
@@ -279,6 +287,10 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         others = state["rng"].get("other_ranks", [])
         rng = state["rng"] if self.world.rank == 0 else others[self.world.rank - 1] if self.world.rank <= len(others) else None
+        if "posterior_noise" in state["rng"]:  # the same on every rank: rank 0's
+            self.noise.generator.set_state(state["rng"]["posterior_noise"])
+        else:  # a last.pt from before the stream existed: a fresh one for the rest of the run
+            self.noise.generator.manual_seed(derived_seed(self.cfg.seed, f"posterior noise after step {state['step']}"))
         if rng is None:  # a run saved by fewer processes: this rank starts a stream of its own
             pyro.set_rng_seed(self.world.seed(self.cfg.seed + state["step"]))
         else:
@@ -351,7 +363,7 @@ class Trainer:
                     self.elbo.beta = kl_weight(self.step, train.kl_warmup_steps)
                     # Pyro's validation (shapes, supports) on the first step only: it costs time
                     with pyro.validation_enabled(first_step):
-                        stats = self._first_step(x) if first_step else self.take_step(x)
+                        stats = self._first_step(x) if first_step else self._step(x)
                     first_step = False
                     self.scheduler.step()
                     self.step += 1
@@ -402,9 +414,23 @@ class Trainer:
                 for buffer, saved in zip(self.vae.buffers(), buffers):
                     buffer.copy_(saved)
         try:
-            return self.take_step(x)
+            stats = self._step(x)
         except ValueError as err:
             raise _first_step_error(err) from None
+        if self.noise.own_draws and self.world.is_distributed and self.world.is_main:
+            sites = ", ".join(sorted(self.noise.own_draws))
+            warnings.warn(
+                f"the posterior noise of latent site(s) {sites} is drawn by each process from its own stream "
+                "(only a Normal, possibly Independent or under transforms that keep its shape, is drawn per row "
+                f"of the global batch): there {self.world.size} processes agree with one in distribution, not draw for draw",
+                stacklevel=2,
+            )
+        return stats
+
+    def _step(self, x: torch.Tensor):
+        """One training step, its posterior noise drawn per row of the global batch."""
+        with self.noise:
+            return self.take_step(x)
 
     def _check_divergence(self, stats, consecutive_skips: int) -> None:
         """Stop a run whose first loss (on any rank) is not finite, or whose updates have all

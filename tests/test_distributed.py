@@ -76,7 +76,7 @@ def _train(config, overrides, out):
     """Train in this process (one of a run's ranks or the only one); its weights and EMA."""
     with launch() as world:
         trainer = _fit(world, config, overrides, out)
-        return {"model": trainer.vae.state_dict(), "ema": trainer.ema.shadow.state_dict()}
+        return {"model": trainer.vae.state_dict(), "ema": trainer.ema.shadow.state_dict(), "own_draws": trainer.noise.own_draws}
 
 
 def test_two_processes_train_to_the_parameters_of_one(config, tmp_path):
@@ -97,6 +97,23 @@ def test_two_processes_train_to_the_parameters_of_one(config, tmp_path):
             if key in single:
                 assert shared[key] == pytest.approx(single[key], rel=1e-5), (key, single["step"])
         assert shared.get("images_per_s", 0) > 0 or single["kind"] == "eval"
+
+
+@pytest.mark.parametrize("flows", [0, 1], ids=["residual", "residual_iaf"])
+def test_two_processes_train_the_ladder_to_the_parameters_of_one(ladder, tmp_path, flows):
+    """The posterior noise is drawn per row of the global batch: 4 steps of the built-in
+    ladder (residual posterior, with and without an IAF flow; no batch norm, which
+    normalizes each process's rows alone) on two processes give one process's weights."""
+    overrides = ["model.batch_norm=false", f"model.flows={flows}", "train.steps=4"]
+    before = Trainer(load_config(ladder, overrides), tmp_path / "unused", device=torch.device("cpu")).vae.state_dict()
+    one = _train(ladder, overrides, tmp_path / "one")
+    ranks = run_ranks(_train, ladder, overrides, tmp_path / "two")
+    assert one["own_draws"] == ranks[0]["own_draws"] == ranks[1]["own_draws"] == set()  # every site per row
+    assert max(float((one["model"][k] - before[k]).abs().max()) for k in before) > 1000 * ATOL  # they trained
+    for part in ("model", "ema"):
+        for name, value in one[part].items():
+            torch.testing.assert_close(ranks[0][part][name], value, rtol=RTOL, atol=ATOL, msg=f"{part} {name}")
+            assert torch.equal(ranks[1][part][name], ranks[0][part][name]), (part, name)
 
 
 def test_only_rank_0_writes_and_a_global_batch_that_does_not_split_is_refused(config, tmp_path):
