@@ -116,12 +116,21 @@ def test_two_processes_train_the_ladder_to_the_parameters_of_one(ladder, tmp_pat
             assert torch.equal(ranks[1][part][name], ranks[0][part][name]), (part, name)
 
 
+def test_rank_0_says_once_which_sites_draw_their_noise_per_process(config, tmp_path):
+    model = f"model.class_path={MODELS}:LaplacePosterior"
+    results = run_ranks(cli, "train", config, model, "train.steps=3", "--out", tmp_path / "run", "--device", "cpu")
+    assert [code for code, _, _ in results] == [0, 0]
+    said = "the posterior noise of latent site(s) z_1 is drawn by each process from its own stream"
+    assert results[0][2].count(said) == 1 and "2 processes agree with one in distribution, not draw for draw" in results[0][2]
+    assert results[1][2] == ""
+
+
 def test_only_rank_0_writes_and_a_global_batch_that_does_not_split_is_refused(config, tmp_path):
     results = run_ranks(cli, "train", config, "--out", tmp_path / "run", "--device", "cpu")
     (code0, out0, err0), (code1, out1, err1) = results
     assert code0 == code1 == 0, err0 + err1
     assert json.loads(out0)["step"] == 6 and out1 == "" and err1 == ""
-    assert "training into" in err0 and "on 2 processes (cpu)" in err0
+    assert "training into" in err0 and "on 2 processes (cpu)" in err0 and "posterior noise" not in err0  # a point mass draws none
     assert json.loads((tmp_path / "run" / "run.json").read_text())["processes"] == 2
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "config.yaml", "images", "kl_per_layer.png", "last.pt", "metrics.jsonl", "run.json"]
 
