@@ -92,8 +92,11 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     return torch.device(name)
 
 
-def _check_speed_options(train: TrainConfig, vae: nn.Module, device: torch.device, world: World) -> None:
-    """Refuse memory and speed options that cannot act on this model or device."""
+def apply_speed_options(train: TrainConfig, vae: nn.Module, device: torch.device, world: World = World()) -> nn.Module:
+    """``vae`` as ``train`` asks to train it on ``device`` in ``world`` (not yet moved
+    there): with checkpointed cells (``train.gradient_checkpointing``) and, under torchrun,
+    synchronized batch norm (``train.sync_batch_norm``, :func:`~pyro_hvae.distributed.synchronize_batch_norm`).
+    Raises :class:`TrainingError` for an option that cannot act on this model or device."""
     if train.gradient_checkpointing and not hasattr(vae, "gradient_checkpointing"):
         raise TrainingError(
             f"train.gradient_checkpointing: {type(vae).__name__} has no checkpointed cells; "
@@ -104,11 +107,16 @@ def _check_speed_options(train: TrainConfig, vae: nn.Module, device: torch.devic
             f"train.bf16_autocast needs a CUDA device, but training runs on {device.type}; "
             "use --device cuda or set train.bf16_autocast=false"
         )
-    if train.sync_batch_norm and world.is_distributed and device.type != "cuda":
+    if train.sync_batch_norm and device.type != "cuda":
         raise TrainingError(
             "train.sync_batch_norm needs CUDA devices (PyTorch's SyncBatchNorm synchronizes no CPU "
             "tensors), but training runs on the CPU; use --device cuda or set train.sync_batch_norm=false"
         )
+    if train.gradient_checkpointing:
+        vae.gradient_checkpointing = True
+    if train.sync_batch_norm and world.is_distributed:
+        vae = synchronize_batch_norm(vae)
+    return vae
 
 
 class Trainer:
@@ -141,12 +149,8 @@ class Trainer:
         if getattr(cfg.model, "output_bias", "default") == "data_mean":
             vae.model.start_at_data_mean(self.splits.train.mean())
         train, optim = cfg.train, cfg.optim
-        _check_speed_options(train, vae, device, world)
+        vae = apply_speed_options(train, vae, device, world)
         rows = world.batch_rows(cfg.data.batch_size)  # refuses a global batch that does not split
-        if train.gradient_checkpointing:
-            vae.gradient_checkpointing = True
-        if train.sync_batch_norm and world.is_distributed:
-            vae = synchronize_batch_norm(vae)
         self.memory_format = torch.channels_last if train.channels_last else torch.preserve_format
         self.vae = vae.to(device, memory_format=self.memory_format)
         self.elbo = HierarchicalELBO(

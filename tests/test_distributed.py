@@ -21,7 +21,8 @@ from pyro_hvae.config import ConfigError, load_config
 from pyro_hvae.distributed import World, launch, synchronize_batch_norm
 from pyro_hvae.nn import FeatureNet
 from pyro_hvae.run import load_checkpoint, prepare_run_dir, read_metrics
-from pyro_hvae.train import Trainer
+from pyro_hvae.models.build import build_model
+from pyro_hvae.train import Trainer, TrainingError, apply_speed_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -301,3 +302,45 @@ def test_synchronized_batch_norm_keeps_outputs_and_state_in_one_process():
     assert synced.state_dict().keys() == plain.state_dict().keys()
     for name, value in plain.state_dict().items():
         assert torch.equal(synced.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["{kind: ladder, latent_dims: [3, 2], hidden_dims: [16]}",
+     "{kind: conv_ladder, scales: [4], groups_per_scale: 1, latent_channels: 2, widths: 8}"],
+    ids=["ladder", "conv_ladder"],
+)
+def test_sync_batch_norm_converts_every_batch_norm_on_cuda_devices_of_several_processes(tmp_path, model):
+    """The trainer's conversion (apply_speed_options), decided for a CUDA device without one:
+    under torchrun every batch-norm layer of the built-in hierarchy becomes a
+    torch.nn.SyncBatchNorm with the same state; one process keeps its layers; the CPU refuses."""
+    cfg = load_config(_config(tmp_path, model), ["train.sync_batch_norm=true"])
+
+    def norms(module):
+        return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    torch.manual_seed(0)
+    plain = build_model(cfg.model, (1, 8, 8))
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    count = len(norms(plain))
+    assert count > 0
+    one = apply_speed_options(cfg.train, plain, torch.device("cuda", 0), World())
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in one.modules())
+    synced = apply_speed_options(cfg.train, one, torch.device("cuda", 1), World(1, 2, 1))
+    assert len(norms(synced)) == count and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms(synced))
+    assert synced.state_dict().keys() == state.keys()
+    for name, value in state.items():
+        assert torch.equal(synced.state_dict()[name], value), name
+    for world in (World(), World(0, 2)):
+        with pytest.raises(TrainingError, match="train.sync_batch_norm needs CUDA devices"):
+            apply_speed_options(cfg.train, build_model(cfg.model, (1, 8, 8)), torch.device("cpu"), world)
+
+
+def test_sync_batch_norm_on_the_cpu_of_one_process_is_one_error_line(config, tmp_path):
+    code, out, err = cli("train", config, "train.sync_batch_norm=true", "--out", tmp_path / "run", "--device", "cpu")
+    assert (code, out) == (2, "")
+    assert err == (
+        "error: train.sync_batch_norm needs CUDA devices (PyTorch's SyncBatchNorm synchronizes no CPU tensors), "
+        "but training runs on the CPU; use --device cuda or set train.sync_batch_norm=false\n"
+    )
+    assert not (tmp_path / "run").exists()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from pyro.distributions.transforms import AffineTransform
 
-from pyro_hvae import LadderVAE
+from pyro_hvae import ConvLadderVAE, LadderVAE
 from pyro_hvae.config import load_config
 from pyro_hvae.infer.noise import RowNoise
 from pyro_hvae.run import load_checkpoint, prepare_run_dir
@@ -68,25 +68,32 @@ def test_the_noise_is_standard_normal():
     assert abs(float(np.corrcoef(eps[:-1, 0], eps[1:, 0])[0, 1])) < 4 / (n / 2) ** 0.5
 
 
-@pytest.mark.parametrize("flows", [0, 1], ids=["residual", "residual_iaf"])
-def test_a_row_gets_its_value_whichever_share_of_the_batch_computes_it(flows):
-    """The built-in ladder's guide on 8 images, and on its halves as two processes would: the
-    same latent values row for row, and the same log-densities (the flow's cached inverse)."""
+@pytest.mark.parametrize(
+    "build",
+    [lambda: LadderVAE((1, 4, 4), [3, 2], [8]), lambda: LadderVAE((1, 4, 4), [3, 2], [8], flows=1),
+     lambda: ConvLadderVAE((1, 4, 4), [2, 1], groups_per_scale=1, latent_channels=2, widths=4).eval()],
+    ids=["ladder_residual", "ladder_residual_iaf", "conv_ladder"],
+)
+def test_a_row_gets_its_value_whichever_share_of_the_batch_computes_it(build):
+    """A built-in guide on 8 images, and on its halves as two processes would: the same latent
+    values row for row, and the same log-densities (the flow's cached inverse). The conv
+    ladder's batch norm runs in evaluation mode, where rows do not mix."""
     torch.manual_seed(0)
-    vae = LadderVAE((1, 4, 4), [3, 2], [8], flows=flows)
+    vae = build()
     x = torch.bernoulli(torch.full((8, 1, 4, 4), 0.5))
+    names = ("z_1", "z_2")
 
     def run(rows: slice):
         noise = RowNoise(_generator(), 8, rows)
         values = _values(vae.guide, x[rows], noise=noise)
         assert noise.own_draws == set()  # every latent site understood
         guide_trace = vae.guide.get_traces()[1]
-        log_q = {n: guide_trace.nodes[n]["fn"].log_prob(values[n]) for n in ("z_1", "z_2")}
-        return {n: values[n] for n in ("z_1", "z_2")}, log_q
+        log_q = {n: guide_trace.nodes[n]["fn"].log_prob(values[n]) for n in names}
+        return {n: values[n] for n in names}, log_q
 
     whole, halves = run(slice(0, 8)), [run(slice(0, 4)), run(slice(4, 8))]
     for part in (0, 1):
-        for name in ("z_1", "z_2"):
+        for name in names:
             joined = torch.cat([halves[0][part][name], halves[1][part][name]])
             torch.testing.assert_close(joined, whole[part][name], rtol=1e-6, atol=1e-6)
 
