@@ -405,7 +405,8 @@ class Trainer:
     def _first_step(self, x: torch.Tensor):
         """The first step of a fit, whose validation errors become one clear message. Under
         torchrun every rank first checks a forward pass on its batch and the ranks agree on
-        the outcome, so that a rank that fails leaves none waiting in the step's collectives."""
+        the outcome, so that a rank that fails leaves none waiting in the step's collectives;
+        after the step rank 0 warns once about latent sites whose noise each rank draws itself."""
         if self.world.is_distributed:
             buffers = [b.detach().clone() for b in self.vae.buffers()]
             devices = [self.device] if self.device.type == "cuda" else []
