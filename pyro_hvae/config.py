@@ -628,7 +628,7 @@ class TrainConfig(_Section):
         False,
         description="Under torchrun, normalize with the batch statistics of the global batch "
         "(torch.nn.SyncBatchNorm over the processes) instead of each process's share; CUDA "
-        "devices only (PyTorch synchronizes no CPU tensors). No effect in one process.",
+        "devices only: refused on CPU (PyTorch synchronizes no CPU tensors). No effect in one process on a GPU.",
     )
     bf16_autocast: bool = Field(
         False,

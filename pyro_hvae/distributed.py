@@ -30,7 +30,7 @@ raises on the ranks that wait).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -142,6 +142,13 @@ class World:
         values: list[Any] = [None] * self.size
         dist.all_gather_object(values, value)
         return values
+
+    def share_(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Overwrite each of ``tensors`` in place with rank 0's copy (a collective)."""
+        if not self.is_distributed:
+            return
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
 
     def from_main(self, value: Any) -> Any:
         """Rank 0's ``value`` (picklable), on every rank."""

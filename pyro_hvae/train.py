@@ -11,12 +11,15 @@ resumed run needs to continue exactly as if never stopped. With ``train.max_minu
 the loop also stops once that much wall-clock time has passed (``elapsed_s`` in every
 record), after a last validation evaluation of the weights it ends with.
 
-Under torchrun (:mod:`pyro_hvae.distributed`) each process trains on its rows of the
-global batch of ``data.batch_size`` images through
-:class:`~torch.nn.parallel.DistributedDataParallel`, draws its own posterior noise
-(rank 0 the one process's stream, the others streams derived from ``seed`` and their
-rank), evaluates its share of the validation images, and logs and decides on the means
-over the processes; only rank 0 writes the run folder, and rank 0's clock decides when
+The posterior noise of the training steps is drawn per row of the global batch
+(:class:`~pyro_hvae.infer.noise.RowNoise`, from a stream seeded from ``seed``), so that
+under torchrun (:mod:`pyro_hvae.distributed`) a row gets the noise it gets in one
+process. There each process trains on its rows of the global batch of
+``data.batch_size`` images through :class:`~torch.nn.parallel.DistributedDataParallel`,
+draws the noise of sites that ``RowNoise`` leaves alone from a stream of its own (rank 0
+the one process's, the others streams derived from ``seed`` and their rank), evaluates
+its share of the validation images, and logs and decides on the means over the
+processes; only rank 0 writes the run folder, and rank 0's clock decides when
 ``train.max_minutes`` is spent.
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -38,10 +42,11 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from pyro_hvae.config import Config, ConfigError, TrainConfig, dump_config
-from pyro_hvae.data import InMemoryLoader, Splits, load_splits
+from pyro_hvae.data import InMemoryLoader, Splits, derived_seed, load_splits
 from pyro_hvae.distributed import World, synchronize_batch_norm
 from pyro_hvae.infer.elbo import HierarchicalELBO
 from pyro_hvae.infer.iw import log_likelihood
+from pyro_hvae.infer.noise import RowNoise
 from pyro_hvae.infer.step import EMA, HierarchyLoss, TrainStep, UpdateSkipper, kl_weight, warmup_cosine
 from pyro_hvae.models.build import build_hierarchy
 from pyro_hvae.models.protocol import Hierarchy, prior_means, reconstruction_means
@@ -87,8 +92,11 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     return torch.device(name)
 
 
-def _check_speed_options(train: TrainConfig, vae: nn.Module, device: torch.device, world: World) -> None:
-    """Refuse memory and speed options that cannot act on this model or device."""
+def apply_speed_options(train: TrainConfig, vae: nn.Module, device: torch.device, world: World = World()) -> nn.Module:
+    """``vae`` as ``train`` asks to train it on ``device`` in ``world`` (not yet moved
+    there): with checkpointed cells (``train.gradient_checkpointing``) and, under torchrun,
+    synchronized batch norm (``train.sync_batch_norm``, :func:`~pyro_hvae.distributed.synchronize_batch_norm`).
+    Raises :class:`TrainingError` for an option that cannot act on this model or device."""
     if train.gradient_checkpointing and not hasattr(vae, "gradient_checkpointing"):
         raise TrainingError(
             f"train.gradient_checkpointing: {type(vae).__name__} has no checkpointed cells; "
@@ -99,11 +107,16 @@ def _check_speed_options(train: TrainConfig, vae: nn.Module, device: torch.devic
             f"train.bf16_autocast needs a CUDA device, but training runs on {device.type}; "
             "use --device cuda or set train.bf16_autocast=false"
         )
-    if train.sync_batch_norm and world.is_distributed and device.type != "cuda":
+    if train.sync_batch_norm and device.type != "cuda":
         raise TrainingError(
             "train.sync_batch_norm needs CUDA devices (PyTorch's SyncBatchNorm synchronizes no CPU "
             "tensors), but training runs on the CPU; use --device cuda or set train.sync_batch_norm=false"
         )
+    if train.gradient_checkpointing:
+        vae.gradient_checkpointing = True
+    if train.sync_batch_norm and world.is_distributed:
+        vae = synchronize_batch_norm(vae)
+    return vae
 
 
 class Trainer:
@@ -136,12 +149,8 @@ class Trainer:
         if getattr(cfg.model, "output_bias", "default") == "data_mean":
             vae.model.start_at_data_mean(self.splits.train.mean())
         train, optim = cfg.train, cfg.optim
-        _check_speed_options(train, vae, device, world)
+        vae = apply_speed_options(train, vae, device, world)
         rows = world.batch_rows(cfg.data.batch_size)  # refuses a global batch that does not split
-        if train.gradient_checkpointing:
-            vae.gradient_checkpointing = True
-        if train.sync_batch_norm and world.is_distributed:
-            vae = synchronize_batch_norm(vae)
         self.memory_format = torch.channels_last if train.channels_last else torch.preserve_format
         self.vae = vae.to(device, memory_format=self.memory_format)
         self.elbo = HierarchicalELBO(
@@ -170,7 +179,10 @@ class Trainer:
             loss=loss, agree=world.mean,
         )
         self.loader = InMemoryLoader(self.splits.train, cfg.data.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, rows=rows)
-        if world.rank:  # its own posterior noise; rank 0 goes on with the one process's stream
+        # posterior noise per row of the global batch, the same stream on every rank
+        noise = torch.Generator(device).manual_seed(derived_seed(cfg.seed, "posterior noise"))
+        self.noise = RowNoise(noise, cfg.data.batch_size, rows, self.hierarchy.data_plate)
+        if world.rank:  # for the sites RowNoise leaves alone; rank 0 goes on with the one process's stream
             pyro.set_rng_seed(world.seed(cfg.seed))
         self.step = 0
         self.best: dict[str, Any] = {"val_elbo": -math.inf, "step": None}
@@ -215,7 +227,7 @@ class Trainer:
     # ---------------------------------------------------------------- state
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
-        rng = {"torch": torch.get_rng_state()}
+        rng = {"torch": torch.get_rng_state(), "posterior_noise": self.noise.generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return rng
@@ -279,6 +291,10 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         others = state["rng"].get("other_ranks", [])
         rng = state["rng"] if self.world.rank == 0 else others[self.world.rank - 1] if self.world.rank <= len(others) else None
+        if "posterior_noise" in state["rng"]:  # the same on every rank: rank 0's
+            self.noise.generator.set_state(state["rng"]["posterior_noise"])
+        else:  # a last.pt from before the stream existed: a fresh one for the rest of the run
+            self.noise.generator.manual_seed(derived_seed(self.cfg.seed, f"posterior noise after step {state['step']}"))
         if rng is None:  # a run saved by fewer processes: this rank starts a stream of its own
             pyro.set_rng_seed(self.world.seed(self.cfg.seed + state["step"]))
         else:
@@ -290,8 +306,18 @@ class Trainer:
         self.stale_evaluations = state["stale_evaluations"]
         self.train_seconds = state.get("train_seconds", 0.0)  # a last.pt from before the budget existed: 0
 
+    def _share_buffers(self) -> None:
+        """Give every rank rank 0's buffers (batch-norm running statistics), of the weights
+        and of their EMA. DDP broadcasts the weights' buffers before each forward pass only,
+        so after a step each rank's have moved with its own rows, and each rank's EMA has
+        averaged those; evaluations and checkpoints use rank 0's, so that a resumed run,
+        which loads rank 0's, goes on as the uninterrupted one (a collective under torchrun)."""
+        modules = [self.vae] if self.ema is None else [self.vae, self.ema.shadow]
+        self.world.share_(buffer for module in modules for buffer in module.buffers())
+
     def save_last(self) -> None:
         """``last.pt``, written by rank 0 (a collective under torchrun)."""
+        self._share_buffers()
         state = self.state_dict()
         if self.world.is_main:
             save_checkpoint(self.run_dir / "last.pt", state)
@@ -341,7 +367,7 @@ class Trainer:
                     self.elbo.beta = kl_weight(self.step, train.kl_warmup_steps)
                     # Pyro's validation (shapes, supports) on the first step only: it costs time
                     with pyro.validation_enabled(first_step):
-                        stats = self._first_step(x) if first_step else self.take_step(x)
+                        stats = self._first_step(x) if first_step else self._step(x)
                     first_step = False
                     self.scheduler.step()
                     self.step += 1
@@ -379,7 +405,8 @@ class Trainer:
     def _first_step(self, x: torch.Tensor):
         """The first step of a fit, whose validation errors become one clear message. Under
         torchrun every rank first checks a forward pass on its batch and the ranks agree on
-        the outcome, so that a rank that fails leaves none waiting in the step's collectives."""
+        the outcome, so that a rank that fails leaves none waiting in the step's collectives;
+        after the step rank 0 warns once about latent sites whose noise each rank draws itself."""
         if self.world.is_distributed:
             buffers = [b.detach().clone() for b in self.vae.buffers()]
             devices = [self.device] if self.device.type == "cuda" else []
@@ -392,9 +419,23 @@ class Trainer:
                 for buffer, saved in zip(self.vae.buffers(), buffers):
                     buffer.copy_(saved)
         try:
-            return self.take_step(x)
+            stats = self._step(x)
         except ValueError as err:
             raise _first_step_error(err) from None
+        if self.noise.own_draws and self.world.is_distributed and self.world.is_main:
+            sites = ", ".join(sorted(self.noise.own_draws))
+            warnings.warn(
+                f"the posterior noise of latent site(s) {sites} is drawn by each process from its own stream "
+                "(only a Normal, possibly Independent or under transforms that keep its shape, is drawn per row "
+                f"of the global batch): there {self.world.size} processes agree with one in distribution, not draw for draw",
+                stacklevel=2,
+            )
+        return stats
+
+    def _step(self, x: torch.Tensor):
+        """One training step, its posterior noise drawn per row of the global batch."""
+        with self.noise:
+            return self.take_step(x)
 
     def _check_divergence(self, stats, consecutive_skips: int) -> None:
         """Stop a run whose first loss (on any rank) is not finite, or whose updates have all
@@ -471,6 +512,7 @@ class Trainer:
     def _evaluate_and_keep_best(self, log: MetricsLog | None) -> bool:
         """Evaluate (each rank its share of the validation images); rank 0 saves images and,
         when improved, best.pt. Returns whether to stop early, the same on every rank."""
+        self._share_buffers()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.world.seed(self.cfg.seed + self.step))
             metrics = evaluate_elbo(self.eval_vae, self.hierarchy, self.splits.val, self.cfg, self.device, self.world)

@@ -52,3 +52,12 @@ class NaNOnRank(PointPosterior):
         if self.training and torch.is_grad_enabled():
             self.steps += 1
         return logits * float("nan") if nan else logits
+
+
+class LaplacePosterior(PointPosterior):
+    """:class:`PointPosterior` with a Laplace posterior around ``f(x)``: noise that the
+    trainer cannot draw per row of the global batch (it is not a normal)."""
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z_1", dist.Laplace(self.encoder(x.flatten(1)), 0.1).to_event(1))

@@ -11,12 +11,16 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
 
 #: Seconds a test waits for all of its processes before it kills them and fails: far more
 #: than the few seconds the runs take, far less than a hang.
@@ -71,3 +75,11 @@ def cli(*args) -> tuple[int, str, str]:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout, result.stderr
+
+
+def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node NPROC -m pyro_hvae ARGS...`` with this
+    checkout's package, one thread per process; killed after :data:`TIMEOUT_S` seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "pyro_hvae", *args]
+    return subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)

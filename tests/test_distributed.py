@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from distrun import TIMEOUT_S, cli, run_ranks
+from distrun import REPO, TIMEOUT_S, cli, run_ranks, torchrun
 from pyro_hvae.config import ConfigError, load_config
 from pyro_hvae.distributed import World, launch, synchronize_batch_norm
 from pyro_hvae.nn import FeatureNet
 from pyro_hvae.run import load_checkpoint, prepare_run_dir, read_metrics
-from pyro_hvae.train import Trainer
+from pyro_hvae.models.build import build_model
+from pyro_hvae.train import Trainer, TrainingError, apply_speed_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = Path(__file__).with_name("dist_models.py")
-REPO = Path(__file__).resolve().parents[1]
 
 #: Tolerance of the parameters of two processes against one: float32 sums of the same
 #: per-image gradients in another order (two half-batch means averaged, one mean of all).
@@ -77,7 +77,7 @@ def _train(config, overrides, out):
     """Train in this process (one of a run's ranks or the only one); its weights and EMA."""
     with launch() as world:
         trainer = _fit(world, config, overrides, out)
-        return {"model": trainer.vae.state_dict(), "ema": trainer.ema.shadow.state_dict()}
+        return {"model": trainer.vae.state_dict(), "ema": trainer.ema.shadow.state_dict(), "own_draws": trainer.noise.own_draws}
 
 
 def test_two_processes_train_to_the_parameters_of_one(config, tmp_path):
@@ -100,12 +100,38 @@ def test_two_processes_train_to_the_parameters_of_one(config, tmp_path):
         assert shared.get("images_per_s", 0) > 0 or single["kind"] == "eval"
 
 
+@pytest.mark.parametrize("flows", [0, 1], ids=["residual", "residual_iaf"])
+def test_two_processes_train_the_ladder_to_the_parameters_of_one(ladder, tmp_path, flows):
+    """The posterior noise is drawn per row of the global batch: 4 steps of the built-in
+    ladder (residual posterior, with and without an IAF flow; no batch norm, which
+    normalizes each process's rows alone) on two processes give one process's weights."""
+    overrides = ["model.batch_norm=false", f"model.flows={flows}", "train.steps=4"]
+    before = Trainer(load_config(ladder, overrides), tmp_path / "unused", device=torch.device("cpu")).vae.state_dict()
+    one = _train(ladder, overrides, tmp_path / "one")
+    ranks = run_ranks(_train, ladder, overrides, tmp_path / "two")
+    assert one["own_draws"] == ranks[0]["own_draws"] == ranks[1]["own_draws"] == set()  # every site per row
+    assert max(float((one["model"][k] - before[k]).abs().max()) for k in before) > 1000 * ATOL  # they trained
+    for part in ("model", "ema"):
+        for name, value in one[part].items():
+            torch.testing.assert_close(ranks[0][part][name], value, rtol=RTOL, atol=ATOL, msg=f"{part} {name}")
+            assert torch.equal(ranks[1][part][name], ranks[0][part][name]), (part, name)
+
+
+def test_rank_0_says_once_which_sites_draw_their_noise_per_process(config, tmp_path):
+    model = f"model.class_path={MODELS}:LaplacePosterior"
+    results = run_ranks(cli, "train", config, model, "train.steps=3", "--out", tmp_path / "run", "--device", "cpu")
+    assert [code for code, _, _ in results] == [0, 0]
+    said = "the posterior noise of latent site(s) z_1 is drawn by each process from its own stream"
+    assert results[0][2].count(said) == 1 and "2 processes agree with one in distribution, not draw for draw" in results[0][2]
+    assert results[1][2] == ""
+
+
 def test_only_rank_0_writes_and_a_global_batch_that_does_not_split_is_refused(config, tmp_path):
     results = run_ranks(cli, "train", config, "--out", tmp_path / "run", "--device", "cpu")
     (code0, out0, err0), (code1, out1, err1) = results
     assert code0 == code1 == 0, err0 + err1
     assert json.loads(out0)["step"] == 6 and out1 == "" and err1 == ""
-    assert "training into" in err0 and "on 2 processes (cpu)" in err0
+    assert "training into" in err0 and "on 2 processes (cpu)" in err0 and "posterior noise" not in err0  # a point mass draws none
     assert json.loads((tmp_path / "run" / "run.json").read_text())["processes"] == 2
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "config.yaml", "images", "kl_per_layer.png", "last.pt", "metrics.jsonl", "run.json"]
 
@@ -136,9 +162,38 @@ def test_a_resumed_two_process_run_continues_exactly(ladder, tmp_path):
     for rank, (straight, resumed) in enumerate(ranks):
         for name, value in straight.items():
             assert torch.equal(resumed[name], value), (rank, name)
-    # the weights are rank 0's everywhere; batch-norm statistics are each rank's own since its last step
+    # the weights are rank 0's everywhere, and so are the batch-norm statistics after a checkpoint
     for name, value in ranks[0][0].items():
-        assert torch.equal(ranks[1][0][name], value) or "running" in name, name
+        assert torch.equal(ranks[1][0][name], value), name
+
+
+def test_resume_under_torchrun_continues_as_the_uninterrupted_run(ladder, tmp_path):
+    """``torchrun ... train CONFIG`` for 3 steps, then ``torchrun ... train --resume RUN
+    train.steps=6``, against 6 steps straight on two processes: the same weights, EMA
+    and records. The learning rate stays at ``optim.lr`` after the warm-up
+    (``optim.min_lr`` equal to it), so that the schedule does not depend on ``train.steps``."""
+    flat = ["optim.min_lr=0.01", "train.log_every=3"]
+    run = tmp_path / "run"
+    first = torchrun("train", ladder, *flat, "train.steps=3", "--out", run, "--device", "cpu")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout)["step"] == 3
+    resumed = torchrun("train", "--resume", run, "train.steps=6", "--device", "cpu")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout)["step"] == 6 and f"resuming {run} at step 3 on 2 processes (cpu)" in resumed.stderr
+    (code, _, stderr), _ = run_ranks(cli, "train", ladder, *flat, "--out", tmp_path / "straight", "--device", "cpu")
+    assert code == 0, stderr
+    straight, continued = (load_checkpoint(tmp_path / name / "last.pt") for name in ("straight", "run"))
+    assert continued["step"] == straight["step"] == 6
+    for part in ("model", "ema"):
+        for name, value in straight[part].items():
+            assert torch.equal(continued[part][name], value), (part, name)
+    # one record per step and kind, the resumed run's equal to the straight run's
+    logged = [read_metrics(tmp_path / name / "metrics.jsonl") for name in ("straight", "run")]
+    assert [(r["kind"], r["step"]) for r in logged[1]] == [("train", 3), ("eval", 3), ("train", 6), ("eval", 6)]
+    for single, shared in zip(*logged, strict=True):
+        timing = ("images_per_s", "elapsed_s")
+        assert {k: v for k, v in shared.items() if k not in timing} == {k: v for k, v in single.items() if k not in timing}
+    assert json.loads((run / "run.json").read_text())["resumes"][0]["step"] == 3
 
 
 @pytest.mark.parametrize(
@@ -203,10 +258,7 @@ def test_two_process_evaluation_gives_the_values_of_one_in_file_order(trained, t
         _evaluate(trained, tmp_path / f"one-{batch_size}", batch_size)
     results = run_ranks(_evaluate, trained, tmp_path / "two-3", 3)
     assert results[1] == "" and json.loads(results[0])["results"] == str(tmp_path / "two-3" / "results.json")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pyro_hvae"]
-    command = [*torchrun, "evaluate", trained, "--out", tmp_path / "two-2" / "results.json", "-K", "4", "--batch-size", "2", "--device", "cpu"]
-    done = subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    done = torchrun("evaluate", trained, "--out", tmp_path / "two-2" / "results.json", "-K", 4, "--batch-size", 2, "--device", "cpu")
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(done.stdout.strip().splitlines()) == 1  # rank 0 alone prints the summary
     for batch_size in (3, 2):
@@ -250,3 +302,45 @@ def test_synchronized_batch_norm_keeps_outputs_and_state_in_one_process():
     assert synced.state_dict().keys() == plain.state_dict().keys()
     for name, value in plain.state_dict().items():
         assert torch.equal(synced.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["{kind: ladder, latent_dims: [3, 2], hidden_dims: [16]}",
+     "{kind: conv_ladder, scales: [4], groups_per_scale: 1, latent_channels: 2, widths: 8}"],
+    ids=["ladder", "conv_ladder"],
+)
+def test_sync_batch_norm_converts_every_batch_norm_on_cuda_devices_of_several_processes(tmp_path, model):
+    """The trainer's conversion (apply_speed_options), decided for a CUDA device without one:
+    under torchrun every batch-norm layer of the built-in hierarchy becomes a
+    torch.nn.SyncBatchNorm with the same state; one process keeps its layers; the CPU refuses."""
+    cfg = load_config(_config(tmp_path, model), ["train.sync_batch_norm=true"])
+
+    def norms(module):
+        return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    torch.manual_seed(0)
+    plain = build_model(cfg.model, (1, 8, 8))
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    count = len(norms(plain))
+    assert count > 0
+    one = apply_speed_options(cfg.train, plain, torch.device("cuda", 0), World())
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in one.modules())
+    synced = apply_speed_options(cfg.train, one, torch.device("cuda", 1), World(1, 2, 1))
+    assert len(norms(synced)) == count and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms(synced))
+    assert synced.state_dict().keys() == state.keys()
+    for name, value in state.items():
+        assert torch.equal(synced.state_dict()[name], value), name
+    for world in (World(), World(0, 2)):
+        with pytest.raises(TrainingError, match="train.sync_batch_norm needs CUDA devices"):
+            apply_speed_options(cfg.train, build_model(cfg.model, (1, 8, 8)), torch.device("cpu"), world)
+
+
+def test_sync_batch_norm_on_the_cpu_of_one_process_is_one_error_line(config, tmp_path):
+    code, out, err = cli("train", config, "train.sync_batch_norm=true", "--out", tmp_path / "run", "--device", "cpu")
+    assert (code, out) == (2, "")
+    assert err == (
+        "error: train.sync_batch_norm needs CUDA devices (PyTorch's SyncBatchNorm synchronizes no CPU tensors), "
+        "but training runs on the CPU; use --device cuda or set train.sync_batch_norm=false\n"
+    )
+    assert not (tmp_path / "run").exists()
