@@ -240,6 +240,14 @@ def derived_seed(seed: int, purpose: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of the random draws of evaluation batch number ``batch`` (the validation of
+    training and ``pyro-hvae evaluate`` alike): ``seed`` itself for the first, a 32-bit
+    seed derived from both for the others. A batch thus draws the same whichever process
+    evaluates it."""
+    return seed if batch == 0 else derived_seed(seed, f"evaluate batch {batch}") % 2**32
+
+
 def _generator(seed: int, purpose: str) -> torch.Generator:
     """A CPU generator seeded for ``purpose`` ("split", "val", "test") from ``seed``."""
     return torch.Generator().manual_seed(derived_seed(seed, purpose))

@@ -69,7 +69,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from pyro_hvae.config import Config, CustomModelConfig, config_from_yaml
-from pyro_hvae.data import derived_seed, load_splits
+from pyro_hvae.data import batch_seed, load_splits
 from pyro_hvae.distributed import World
 from pyro_hvae.infer.diagnostics import (
     ACTIVE_UNIT_THRESHOLD,
@@ -302,7 +302,7 @@ def _per_image(
     mine = [starts[b] for b in world.shard(len(starts))]
     with _Progress(sum(min(batch_size, len(dataset) - start) for start in mine), quiet=not world.is_main) as progress:
         for start in mine:
-            pyro.set_rng_seed(_batch_seed(seed, start // batch_size))
+            pyro.set_rng_seed(batch_seed(seed, start // batch_size))
             x = dataset.batch(torch.arange(start, min(start + batch_size, len(dataset)))).to(device)
             model_trace, guide_trace = get_traces(vae.model, vae.guide, x)
             observed = model_trace.nodes[hierarchy.observed_site]
@@ -345,13 +345,6 @@ def _per_image(
         {name: torch.cat(values, dim=1) for name, values in means.items()},
         {name: torch.cat(values) for name, values in unit_kl.items()},
     )
-
-
-def _batch_seed(seed: int, batch: int) -> int:
-    """The seed of batch number ``batch``: ``seed`` itself for the first (so that one batch
-    draws what training's validation draws from that seed), a 32-bit seed derived from both
-    for the others."""
-    return seed if batch == 0 else derived_seed(seed, f"evaluate batch {batch}") % 2**32
 
 
 def _joined(parts: list[dict[str, list]]) -> dict[str, list]:

@@ -42,7 +42,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from pyro_hvae.config import Config, ConfigError, TrainConfig, dump_config
-from pyro_hvae.data import InMemoryLoader, Splits, derived_seed, load_splits
+from pyro_hvae.data import InMemoryLoader, Splits, batch_seed, derived_seed, load_splits
 from pyro_hvae.distributed import World, synchronize_batch_norm
 from pyro_hvae.infer.elbo import HierarchicalELBO
 from pyro_hvae.infer.iw import log_likelihood
@@ -514,9 +514,10 @@ class Trainer:
         when improved, best.pt. Returns whether to stop early, the same on every rank."""
         self._share_buffers()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.world.seed(self.cfg.seed + self.step))
-            metrics = evaluate_elbo(self.eval_vae, self.hierarchy, self.splits.val, self.cfg, self.device, self.world)
+            seed = self.cfg.seed + self.step
+            metrics = evaluate_elbo(self.eval_vae, self.hierarchy, self.splits.val, self.cfg, self.device, self.world, seed)
             if self.world.is_main:
+                torch.manual_seed(seed)
                 self._save_images(self.splits.val if len(self.splits.val) else self.splits.train)
         # without a validation split (data.val_size: 0) the latest weights count as best
         improved = not metrics or metrics["val_elbo"] > self.best["val_elbo"]
@@ -566,12 +567,14 @@ def _first_step_error(err: ValueError) -> TrainingError:
 
 @torch.no_grad()
 def evaluate_elbo(
-    vae: nn.Module, hierarchy: Hierarchy, dataset, cfg: Config, device: torch.device, world: World = World()
+    vae: nn.Module, hierarchy: Hierarchy, dataset, cfg: Config, device: torch.device, world: World = World(), seed: int = 0
 ) -> dict[str, Any]:
     """Validation metrics per image: ELBO, reconstruction, KL per layer and, when
     ``train.val_num_samples > 0``, an importance-weighted bound with that many samples.
-    Under torchrun each rank evaluates its share of the images and every rank returns
-    the metrics of them all (a collective)."""
+    Batch ``b`` of ``data.eval_batch_size`` images draws its noise from
+    :func:`~pyro_hvae.data.batch_seed` ``(seed, b)``. Under torchrun each rank evaluates its
+    share of the batches and every rank returns the metrics of them all (a collective):
+    the same as one process's, up to the order of the sums."""
     if len(dataset) == 0:
         return {}
     was_training = vae.training
@@ -579,10 +582,10 @@ def evaluate_elbo(
     elbo = HierarchicalELBO(analytic_kl=uses_analytic_kl(cfg, hierarchy), max_plate_nesting=hierarchy.max_plate_nesting)
     totals: dict[str, float] = {"elbo": 0.0, "reconstruction": 0.0, "iw": 0.0}
     K = cfg.train.val_num_samples
-    share = world.shard(len(dataset))
-    for start in range(share.start, share.stop, cfg.data.eval_batch_size):
-        index = torch.arange(start, min(start + cfg.data.eval_batch_size, share.stop))
-        x = dataset.batch(index).to(device)
+    size = cfg.data.eval_batch_size
+    for batch in world.shard(math.ceil(len(dataset) / size)):
+        torch.manual_seed(batch_seed(seed, batch))
+        x = dataset.batch(torch.arange(batch * size, min((batch + 1) * size, len(dataset)))).to(device)
         elbo.differentiable_loss(vae.model, vae.guide, x)
         n = x.shape[0]
         totals["elbo"] += float(elbo.terms["elbo"]) * n

@@ -115,6 +115,9 @@ def test_two_processes_train_the_ladder_to_the_parameters_of_one(ladder, tmp_pat
         for name, value in one[part].items():
             torch.testing.assert_close(ranks[0][part][name], value, rtol=RTOL, atol=ATOL, msg=f"{part} {name}")
             assert torch.equal(ranks[1][part][name], ranks[0][part][name]), (part, name)
+    # validation batches (3, 3 and 2 images: one on rank 0, two on rank 1) draw from their own seeds
+    logged = [[r["val_elbo"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if r["kind"] == "eval"] for run in ("one", "two")]
+    assert len(logged[0]) == 2 and logged[1] == pytest.approx(logged[0], rel=1e-6)
 
 
 def test_rank_0_says_once_which_sites_draw_their_noise_per_process(config, tmp_path):
