@@ -357,6 +357,13 @@ def log_likelihood(
     A subsampled data plate (``pyro.plate("data", N, subsample_size=B)``) draws its
     ``B`` data points in the first pass and every later pass replays them, so the
     ``B`` estimates are of those data points, in the order of the plate's indices.
+    Only the first pass keeps whole traces (its checks read them). The vectorized passes
+    take each site's log densities as the site completes and drop its distributions, so
+    a pass holds the networks' activations and the sampled values, not every site's
+    prior and posterior: a :class:`~pyro.poutine.guide.GuideMessenger`'s trace keeps the
+    values (for ``upstream_value``) but has ``fn`` and ``infer["prior"]`` set to ``None``,
+    and a guide callable's values are let go once the model has taken them. The log
+    weights are bitwise those of :func:`get_traces` run pass by pass.
 
     Each site's log density is converted to float64 before it is summed over plates
     and sites, and the log weights and estimates are float64 whatever the model's
