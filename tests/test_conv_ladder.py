@@ -1,4 +1,5 @@
 import math
+import weakref
 
 import pyro
 import pyro.optim
@@ -213,6 +214,27 @@ def test_model_and_guide_share_one_top_down_state_per_step():
         assert TOP_DOWN_STATE not in model_trace.nodes[site]["infer"]
         # each posterior is built around the model's own prior: its KL takes the residual form
         assert guide_trace.nodes[site]["fn"].base_dist.prior is model_trace.nodes[site]["fn"].base_dist
+
+
+def test_importance_sampling_frees_each_groups_prior_and_posterior_within_a_pass():
+    # log_likelihood keeps each site's log densities, not its distributions: by the time the
+    # output head runs, no prior or posterior of the pass is alive (full traces would hold
+    # all 2 L), except in the plain first pass, whose traces are checked for the plates
+    vae = tiny()
+    perturb_posteriors(vae)
+    vae.eval()
+    made, alive = [], []
+    for module in [*vae.model.modules(), *vae.guide.posteriors]:
+        if isinstance(module, (SpatialPrior, SpatialResidualPosterior)):
+            module.register_forward_hook(lambda m, i, out: made.append(weakref.ref(out[0].base_dist.loc)))
+
+    def count_alive(module, inputs):
+        alive.append(sum(ref() is not None for ref in made))
+        made.clear()
+
+    vae.model.head.register_forward_pre_hook(count_alive)
+    log_likelihood(vae.model, vae.guide, binary_images(3, (1, 8, 8)), num_samples=9, chunk_size=4)
+    assert alive == [2 * vae.model.num_layers, 0, 0]
 
 
 @pytest.mark.parametrize("elbo", [Trace_ELBO(), TraceMeanField_ELBO()], ids=["trace", "mean_field"])

@@ -7,8 +7,8 @@ import pyro
 import pyro.distributions as dist
 from pyro.poutine.guide import GuideMessenger
 
-from exact import DX, DZ1, DZ2, N, LinearGaussian, grid_log_marginal
-from pyro_hvae import IAF, BottomUpVAE, LadderVAE
+from exact import DX, DZ1, DZ2, N, AffineGuide, LinearGaussian, grid_log_marginal
+from pyro_hvae import IAF, BottomUpVAE, ConvLadderVAE, LadderVAE
 from pyro_hvae.infer.iw import get_traces, log_likelihood
 
 
@@ -87,6 +87,52 @@ def test_return_log_weights(lg):
     assert log_weights.shape == (13, N)
     assert torch.allclose(estimate, log_weights.logsumexp(0) - math.log(13))
     assert not estimate.requires_grad
+
+
+def traced_log_weights(model, guide, x, num_samples, chunk_size):
+    """``log_likelihood``'s log weights the long way, from whole traces (``get_traces``): a
+    plain pass, then passes of ``chunk_size`` particles in a plate left of the data plate;
+    every sample site's log density in float64, model sites then guide sites, in trace order."""
+
+    def log_weights(model_trace, guide_trace):
+        log_w = 0.0
+        for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
+            for site in trace.nodes.values():
+                if site["type"] == "sample":
+                    log_w = log_w + sign * site["fn"].log_prob(site["value"]).double()
+        return log_w.reshape(-1, x.shape[0])
+
+    chunks = [log_weights(*get_traces(model, guide, x))]
+    for start in range(1, num_samples, chunk_size):
+        with pyro.plate("particles", min(chunk_size, num_samples - start), dim=-2):
+            chunks.append(log_weights(*get_traces(model, guide, x)))
+    return torch.cat(chunks)
+
+
+def tiny_conv_ladder():
+    vae = ConvLadderVAE((1, 8, 8), [4, 2], groups_per_scale=2, latent_channels=2, widths=8)
+    for head in vae.guide.posteriors:  # move q off the prior
+        torch.nn.init.normal_(head.net.net[-1].weight, std=0.3)
+    return vae.eval()
+
+
+@pytest.mark.parametrize("program", ["callable", "messenger", "ladder_iaf", "conv_ladder"])
+def test_log_weights_equal_those_of_whole_traces_exactly(lg, program):
+    # the vectorized passes keep no traces, only each site's log densities as it completes:
+    # the same draws must give the same log weights, bit for bit
+    if program in ("callable", "messenger"):
+        model, guide, x = lg.model, AffineGuide(lg) if program == "callable" else ExactPosteriorMessenger(lg), lg.x
+    else:
+        vae = perturbed(LadderVAE((1, 6, 6), [2], [16, 12], flows=2)) if program == "ladder_iaf" else tiny_conv_ladder()
+        model, guide = vae.model, vae.guide
+        x = (torch.rand(3, *vae.model.data_shape) > 0.5).float()
+    pyro.set_rng_seed(7)
+    _, log_weights = log_likelihood(model, guide, x, num_samples=10, chunk_size=4, return_log_weights=True)
+    pyro.set_rng_seed(7)
+    with torch.no_grad():
+        expected = traced_log_weights(model, guide, x, num_samples=10, chunk_size=4)
+    assert log_weights.shape == expected.shape == (10, x.shape[0])
+    assert torch.equal(log_weights, expected)
 
 
 def test_nested_plate_and_data_at_dim_minus_two():

@@ -26,6 +26,9 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine import Trace
 from pyro.poutine.indep_messenger import CondIndepStackFrame
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.replay_messenger import ReplayMessenger
+from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 _PARTICLE_PLATE = "_iw_particles"
@@ -168,6 +171,29 @@ def _max_plate_nesting(*traces: Trace) -> int:
     return nesting
 
 
+def _site_log_density(fn, site: dict, particle_dim: int, data_plate: str) -> Tensor:
+    """``fn.log_prob(site["value"])`` in float64, masked by the site's mask, summed over every
+    dim but the particle dim and the dim of ``data_plate``."""
+    log_prob = scale_and_mask(fn.log_prob(site["value"]).to(torch.float64), mask=site["mask"])
+    return _sum_except(log_prob, (particle_dim, _find_frame(site, data_plate).dim))
+
+
+def _weights_shape(site: dict, data_plate: str) -> Tuple[int, int]:
+    """``(k, N)``: the particle plate's size (1 outside it) and the data plate's, at ``site``."""
+    particles = _find_frame(site, _PARTICLE_PLATE)
+    return 1 if particles is None else particles.size, _find_frame(site, data_plate).size
+
+
+def _sum_log_densities(model_terms: Sequence[Tensor], guide_terms: Sequence[Tensor], shape: Tuple[int, int]) -> Tensor:
+    """:math:`\\sum \\log p - \\sum \\log q` over the sites' terms, model sites first, each
+    in the order its program ran them (one order for every path, so the sums agree bitwise)."""
+    log_w = 0.0
+    for sign, terms in ((1.0, model_terms), (-1.0, guide_terms)):
+        for term in terms:
+            log_w = log_w + sign * term
+    return log_w.expand(shape)
+
+
 def _log_weights(
     model_trace: Trace, guide_trace: Trace, particle_dim: int, data_plate: str
 ) -> Tensor:
@@ -176,15 +202,123 @@ def _log_weights(
     tensor; ``k = 1`` for traces outside the particle plate. Each site's log density is
     converted to float64 before it is summed over plates and sites.
     """
-    log_w = 0.0
-    for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
-        for _, site in _sample_sites(trace):
-            data = _find_frame(site, data_plate)
-            particles = _find_frame(site, _PARTICLE_PLATE)
-            log_prob = site["fn"].log_prob(site["value"]).to(torch.float64)
-            log_prob = scale_and_mask(log_prob, mask=site["mask"])
-            log_w = log_w + sign * _sum_except(log_prob, (particle_dim, data.dim))
-    return log_w.expand(1 if particles is None else particles.size, data.size)
+    sites = [[site for _, site in _sample_sites(trace)] for trace in (model_trace, guide_trace)]
+    terms = [[_site_log_density(site["fn"], site, particle_dim, data_plate) for site in each] for each in sites]
+    return _sum_log_densities(*terms, _weights_shape((sites[1] or sites[0])[-1], data_plate))
+
+
+def _has_density(msg: dict) -> bool:
+    """Whether a site enters the log weights: a sample site, neither a plate's subsample
+    nor a ``pyro.deterministic`` one (the sites :func:`_sample_sites` of a pruned trace yields)."""
+    return msg["type"] == "sample" and not site_is_subsample(msg) and not msg["infer"].get("_deterministic")
+
+
+class _LogDensities:
+    """The log density terms of one vectorized pass, collected site by site as each site
+    completes (:func:`_site_log_density`): all that is kept of a site's distribution."""
+
+    def __init__(self, particle_dim: int, data_plate: str):
+        self.particle_dim, self.data_plate = particle_dim, data_plate
+        self.model_terms, self.guide_terms = [], []
+        self.shape = None
+
+    def add(self, terms: list, fn, msg: dict) -> None:
+        terms.append(_site_log_density(fn, msg, self.particle_dim, self.data_plate))
+        self.shape = _weights_shape(msg, self.data_plate)
+
+    def log_weights(self) -> Tensor:
+        return _sum_log_densities(self.model_terms, self.guide_terms, self.shape)
+
+
+class _GuideMessengerDensities(Messenger):
+    """Entered just outside a :class:`~pyro.poutine.guide.GuideMessenger`, so that it post-processes
+    each site after the guide has chosen the posterior and before the guide's trace records
+    the site: it adds the site's terms (the prior, ``infer["prior"]``, expanded as the guide
+    would; the posterior, ``fn``) and then takes both out of the site. The guide's trace keeps
+    each site's value (for :meth:`~pyro.poutine.guide.GuideMessenger.upstream_value`), not its
+    distributions."""
+
+    def __init__(self, densities: _LogDensities):
+        super().__init__()
+        self.densities = densities
+
+    def _pyro_post_sample(self, msg) -> None:
+        if not _has_density(msg):
+            return
+        fn = msg["fn"]
+        if msg["is_observed"]:
+            self.densities.add(self.densities.model_terms, fn, msg)
+        else:
+            prior = msg["infer"]["prior"]
+            if prior.batch_shape != fn.batch_shape:
+                prior = prior.expand(fn.batch_shape)
+            self.densities.add(self.densities.model_terms, prior, msg)
+            self.densities.add(self.densities.guide_terms, fn, msg)
+            msg["infer"]["prior"] = None
+        msg["fn"] = None
+
+
+class _GuideDensities(TraceMessenger):
+    """Traces a guide callable for the model's replay, adding each site's ``log q`` term;
+    the trace keeps the sites' values, not their distributions."""
+
+    def __init__(self, densities: _LogDensities):
+        super().__init__()
+        self.densities = densities
+
+    def _pyro_post_sample(self, msg) -> None:
+        if _has_density(msg):
+            self.densities.add(self.densities.guide_terms, msg["fn"], msg)
+        super()._pyro_post_sample(msg)
+        if msg["name"] in self.trace:
+            self.trace.nodes[msg["name"]]["fn"] = None
+
+
+class _ReplayedModelDensities(ReplayMessenger):
+    """``poutine.replay`` of the model against a :class:`_GuideDensities` trace, adding each
+    site's ``log p`` term; a guide value leaves the trace once the model has taken it."""
+
+    def __init__(self, trace: Trace, densities: _LogDensities):
+        super().__init__(trace=trace)
+        self.densities = densities
+
+    def _pyro_sample(self, msg) -> None:
+        replayed = msg["name"] in self.trace and not msg["is_observed"]
+        super()._pyro_sample(msg)
+        if replayed:
+            self.trace.remove_node(msg["name"])
+
+    def _pyro_post_sample(self, msg) -> None:
+        if _has_density(msg):
+            self.densities.add(self.densities.model_terms, msg["fn"], msg)
+
+
+def _pass_log_weights(model: Callable, guide: Callable, particle_dim: int, data_plate: str, *args, **kwargs) -> Tensor:
+    """The ``[k, N]`` log weights of one pass of guide and model, as :func:`get_traces` then
+    :func:`_log_weights` compute them (the same values, bitwise, for the same draws) but
+    without holding whole traces: each site's distributions are dropped once its log
+    densities are taken, so a vectorized pass keeps only the sampled values."""
+    densities = _LogDensities(particle_dim, data_plate)
+    unwrapped = poutine.unwrap(guide)
+    if isinstance(unwrapped, poutine.messenger.Messenger):
+        with _GuideMessengerDensities(densities):
+            guide(*args, **kwargs)
+    else:
+        guide_densities = _GuideDensities(densities)
+        with guide_densities:
+            guide(*args, **kwargs)
+        with _ReplayedModelDensities(guide_densities.trace, densities):
+            model(*args, **kwargs)
+    return densities.log_weights()
+
+
+def _first_pass(model: Callable, guide: Callable, data_plate: str, *args, **kwargs) -> Tuple[Tensor, int, Trace]:
+    """The plain (unbatched) first pass with whole traces, to check and read the programs'
+    plates: its ``[1, N]`` log weights, the particle plate's dim and the subsample sites."""
+    model_trace, guide_trace, subsamples = _run(model, guide, *args, **kwargs)
+    _check_per_datum(model_trace, guide_trace, data_plate)
+    particle_dim = -1 - _max_plate_nesting(model_trace, guide_trace)
+    return _log_weights(model_trace, guide_trace, particle_dim, data_plate), particle_dim, subsamples
 
 
 def log_likelihood(
@@ -223,6 +357,13 @@ def log_likelihood(
     A subsampled data plate (``pyro.plate("data", N, subsample_size=B)``) draws its
     ``B`` data points in the first pass and every later pass replays them, so the
     ``B`` estimates are of those data points, in the order of the plate's indices.
+    Only the first pass keeps whole traces (its checks read them). The vectorized passes
+    take each site's log densities as the site completes and drop its distributions, so
+    a pass holds the networks' activations and the sampled values, not every site's
+    prior and posterior: a :class:`~pyro.poutine.guide.GuideMessenger`'s trace keeps the
+    values (for ``upstream_value``) but has ``fn`` and ``infer["prior"]`` set to ``None``,
+    and a guide callable's values are let go once the model has taken them. The log
+    weights are bitwise those of :func:`get_traces` run pass by pass.
 
     Each site's log density is converted to float64 before it is summed over plates
     and sites, and the log weights and estimates are float64 whatever the model's
@@ -250,16 +391,13 @@ def log_likelihood(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _warn_if_training(model, guide)
     with torch.no_grad():
-        model_trace, guide_trace, subsamples = _run(model, guide, *args, **kwargs)
-        _check_per_datum(model_trace, guide_trace, data_plate)
-        particle_dim = -1 - _max_plate_nesting(model_trace, guide_trace)
-        chunks = [_log_weights(model_trace, guide_trace, particle_dim, data_plate)]
+        first, particle_dim, subsamples = _first_pass(model, guide, data_plate, *args, **kwargs)
+        chunks = [first]
         with poutine.replay(trace=subsamples):
             for start in range(1, num_samples, chunk_size):
                 size = min(chunk_size, num_samples - start)
                 with pyro.plate(_PARTICLE_PLATE, size, dim=particle_dim):
-                    model_trace, guide_trace = get_traces(model, guide, *args, **kwargs)
-                chunks.append(_log_weights(model_trace, guide_trace, particle_dim, data_plate))
+                    chunks.append(_pass_log_weights(model, guide, particle_dim, data_plate, *args, **kwargs))
         log_weights = torch.cat(chunks)
     estimate = log_weights.logsumexp(0) - math.log(num_samples)
     return (estimate, log_weights) if return_log_weights else estimate
