@@ -35,6 +35,7 @@ variant (the ELBO without the KL weight and the penalty, so that the variants co
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -158,15 +159,15 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], out: Path, title: str) -> None:
-    """Negative training ELBO and gradient norm per step, one line per variant; an x
-    marks a variant's first non-finite loss."""
+    """Negative training ELBO and gradient norm per step, one line per variant; a dotted
+    vertical line marks a variant's first non-finite loss."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7, 6))
     loss_axes, norm_axes = figure.subplots(2, 1, sharex=True)
-    for r in rows:
-        (line,) = loss_axes.plot(r["step"], r["neg_elbo"], linewidth=0.8, label=r["variant"])
-        norm_axes.plot(r["step"], r["grad_norm"], linewidth=0.8, color=line.get_color())
+    for r, style in zip(rows, itertools.cycle(["-", "--", "-.", ":"])):
+        (line,) = loss_axes.plot(r["step"], r["neg_elbo"], style, linewidth=0.9, label=r["variant"])
+        norm_axes.plot(r["step"], r["grad_norm"], style, linewidth=0.9, color=line.get_color())
         if r["first_nonfinite"] is not None:
             loss_axes.axvline(r["first_nonfinite"], color=line.get_color(), linestyle=":")
     loss_axes.set_yscale("log")
@@ -209,13 +210,12 @@ def main() -> None:
             print(f"{variant}: {time.perf_counter() - start:.0f} s" + (f", stopped: {stop.reason}" if stop else ""),
                   flush=True)
     cfg = trainer.cfg
-    settings = (f"{trainer.vae.model.num_layers} groups (scales {cfg.model.scales}, {cfg.model.groups_per_scale} "
-                f"groups), widths {cfg.model.widths}, "
-                f"batch {args.batch}, {args.steps} steps, {cfg.optim.name} lr {args.lr:g}, "
+    settings = (f"{trainer.vae.model.num_layers} latent groups (scales {cfg.model.scales} x {cfg.model.groups_per_scale}), "
+                f"widths {cfg.model.widths}", f"batch {args.batch}, {args.steps} steps, {cfg.optim.name} lr {args.lr:g}, "
                 f"grad clip {cfg.train.grad_clip}, seed {cfg.seed}")
-    print(f"\n{settings}\n\n{table(rows)}")
+    print(f"\n{'; '.join(settings)}\n\n{table(rows)}")
     if args.out:
-        plot(rows, args.out, settings)
+        plot(rows, args.out, "\n".join(settings))
         print(f"\n{args.out}")
 
 
