@@ -210,8 +210,10 @@ def main() -> None:
             print(f"{variant}: {time.perf_counter() - start:.0f} s" + (f", stopped: {stop.reason}" if stop else ""),
                   flush=True)
     cfg = trainer.cfg
-    settings = (f"{trainer.vae.model.num_layers} latent groups (scales {cfg.model.scales} x {cfg.model.groups_per_scale}), "
-                f"widths {cfg.model.widths}", f"batch {args.batch}, {args.steps} steps, {cfg.optim.name} lr {args.lr:g}, "
+    model = cfg.model
+    settings = (f"{trainer.vae.model.num_layers} latent groups (scales {model.scales} x {model.groups_per_scale}), "
+                f"widths {model.widths}",
+                f"batch {args.batch}, {args.steps} steps, {cfg.optim.name} lr {args.lr:g}, "
                 f"grad clip {cfg.train.grad_clip}, seed {cfg.seed}")
     print(f"\n{'; '.join(settings)}\n\n{table(rows)}")
     if args.out:

@@ -32,8 +32,10 @@ def test_the_schedule_keeps_the_configs_fractions_of_the_run(bench):
 
 
 def test_each_variant_switches_off_its_stabilizers_and_nothing_else(bench, data_root):
-    configs = {v: load_config(bench.CONFIG, bench.variant_overrides(v, steps=200, batch=32, lr=1e-2, data_root=data_root))
-               for v in bench.VARIANTS}
+    def config(variant):
+        return load_config(bench.CONFIG, bench.variant_overrides(variant, steps=200, batch=32, lr=1e-2, data_root=data_root))
+
+    configs = {v: config(v) for v in bench.VARIANTS}
     switches = {v: (c.train.skip_factor, c.train.spectral_reg is not None, c.train.kl_warmup_steps)
                 for v, c in configs.items()}
     assert switches == {"all": (10.0, True, 40), "no_skip": (None, True, 40), "no_spectral": (10.0, False, 40),
