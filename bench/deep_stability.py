@@ -1,0 +1,225 @@
+"""What holds a 30-group conv ladder: update skipping, KL warm-up and spectral regularization.
+
+Trains the conv ladder of ``examples/mnist_conv.yaml`` made 30 groups deep (scales
+[14, 7], ``groups_per_scale: [6, 24]``, 4 latent channels, widths 16) on real MNIST
+through the library's :class:`~pyro_hvae.train.Trainer`, in five variants with the same
+seed (the same initial weights and the same batches), steps and learning rate:
+
+* ``all``: the three stabilizers of the config on;
+* ``no_skip``: ``train.skip_factor=null`` (an update whose gradient norm is not finite
+  is still never applied: the trainer skips it whatever the factor);
+* ``no_spectral``: ``train.spectral_reg=null``;
+* ``no_warmup``: ``train.kl_warmup_steps=0`` (KL weight 1 from the first step);
+* ``none``: all three off.
+
+Gradient clipping (``train.grad_clip``, 200 nats per image in the config), the
+learning-rate warm-up and the EMA of the weights stay on in every variant (``--set
+train.grad_clip=null`` drops the clipping everywhere). The config's schedule is
+compressed to ``--steps``: the KL warm-up, the spectral weight's decay and the
+learning-rate warm-up each last the same fraction of the run as in the config (1000,
+1000 and 100 of 5000 steps), then the cosine decay to ``optim.min_lr``.
+
+Every step is logged (``train.log_every=1``), and the validation split evaluated once,
+at the end. Per variant, from the run folder's ``metrics.jsonl``: the first step whose
+training loss is not finite, the largest gradient norm (of the per-image loss, before
+clipping), the training loss per step, the final validation ELBO; the number of skipped
+updates and, when the trainer stopped the run (a non-finite first loss, or
+100 skipped updates in a row), the step and the reason. Prints a markdown table; with
+``--out`` draws the negative training ELBO and the gradient norm per step, one line per
+variant (the ELBO without the KL weight and the penalty, so that the variants compare):
+
+    PYRO_HVAE_DATA=../shared/data OMP_NUM_THREADS=1 python bench/deep_stability.py \\
+        --steps 200 --batch 32 --lr 1e-2 --out docs/figures/deep_stability.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+
+from pyro_hvae.config import Config, load_config
+from pyro_hvae.train import Trainer, TrainingError
+
+CONFIG = Path(__file__).resolve().parents[1] / "examples" / "mnist_conv.yaml"
+DEFAULT_DATA = Path(os.environ.get("PYRO_HVAE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+#: the 30-group model: the config's scales [14, 7] and latent channels, 6 + 24 groups, narrower
+DEEP_MODEL = ["model.groups_per_scale=[6,24]", "model.widths=16"]
+
+#: variant -> the overrides that switch its stabilizers off
+VARIANTS: dict[str, list[str]] = {
+    "all": [],
+    "no_skip": ["train.skip_factor=null"],
+    "no_spectral": ["train.spectral_reg=null"],
+    "no_warmup": ["train.kl_warmup_steps=0"],
+    "none": ["train.skip_factor=null", "train.spectral_reg=null", "train.kl_warmup_steps=0"],
+}
+
+
+def compressed_schedule(base: Config, steps: int) -> list[str]:
+    """Overrides that run ``base``'s warm-ups over the same fractions of ``steps`` steps."""
+    train, optim = base.train, base.optim
+
+    def scaled(n: int) -> int:
+        return max(1, round(n * steps / train.steps)) if n else 0
+
+    schedule = [f"train.steps={steps}", f"train.kl_warmup_steps={scaled(train.kl_warmup_steps)}",
+                f"optim.warmup_steps={scaled(optim.warmup_steps)}"]
+    if train.spectral_reg is not None:
+        schedule.append(f"train.spectral_reg.steps={scaled(train.spectral_reg.steps)}")
+    return schedule
+
+
+def variant_overrides(variant: str, *, steps: int, batch: int, lr: float, data_root: Path,
+                      extra: Sequence[str] = ()) -> list[str]:
+    """The overrides of ``examples/mnist_conv.yaml`` that make one variant's config."""
+    shared = [f"data.root={data_root}", f"data.batch_size={batch}", "device=cpu", *DEEP_MODEL,
+              *compressed_schedule(load_config(CONFIG), steps), f"optim.lr={lr}",
+              "train.log_every=1", f"train.eval_every={steps}", f"train.checkpoint_every={steps}", *extra]
+    return [*shared, *VARIANTS[variant]]
+
+
+def build_trainer(overrides: list[str], run_dir: Path, device: str = "cpu") -> Trainer:
+    cfg = load_config(CONFIG, overrides)
+    run_dir.mkdir(parents=True)
+    return Trainer(cfg, run_dir, device=torch.device(device), overrides=overrides)
+
+
+class Stop(NamedTuple):
+    """The trainer stopped the run: at which step, and its message."""
+
+    step: int
+    reason: str
+
+
+def train(trainer: Trainer) -> Optional[Stop]:
+    """Fit; ``None`` when all steps ran, else where and why the trainer stopped."""
+    try:
+        trainer.fit()
+    except TrainingError as err:
+        # a first step that fails Pyro's validation (on the first step only) stops it before the count moves
+        return Stop(max(trainer.step, 1), str(err))
+    return None
+
+
+def summarize(variant: str, trainer: Trainer, stop: Optional[Stop]) -> dict:
+    """One row of the table, from the run folder's ``metrics.jsonl``, and the skipped
+    updates from the trainer (whose last step, when it stopped the run, has no record)."""
+    lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    steps = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    nonfinite = [r["step"] for r in steps if not math.isfinite(r["loss"])]
+    if stop is not None and stop.step == 1:
+        nonfinite = [1]  # the trainer stops on a non-finite (or invalid) first step before logging it
+    norms = [r["grad_norm"] for r in steps if not math.isnan(r["grad_norm"])]
+    cfg = trainer.cfg.train
+    return {
+        "variant": variant,
+        "skip_factor": cfg.skip_factor,
+        "spectral_reg": cfg.spectral_reg is not None and cfg.spectral_reg.enabled,
+        "kl_warmup_steps": cfg.kl_warmup_steps,
+        "first_nonfinite": nonfinite[0] if nonfinite else None,
+        "skipped": trainer.skipper.skipped,
+        "max_grad_norm": max(norms) if norms else None,
+        "val_elbo": evals[-1]["val_elbo"] if stop is None and evals else None,
+        "stop": stop,
+        "step": [r["step"] for r in steps],
+        "neg_elbo": [-r["elbo"] for r in steps],
+        "grad_norm": [r["grad_norm"] for r in steps],
+    }
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of the rows."""
+
+    def value(x, fmt: str = "{}") -> str:
+        return "—" if x is None else fmt.format(x)
+
+    lines = ["| variant | update skipping | spectral reg. | KL warm-up | first non-finite loss | skipped updates "
+             "| largest grad norm | final val ELBO | stopped |", "|" + "---|" * 9]
+    for r in rows:
+        skip = "off" if r["skip_factor"] is None else f"×{r['skip_factor']:g}"
+        warmup = f"{r['kl_warmup_steps']} steps" if r["kl_warmup_steps"] else "off"
+        stop = "—" if r["stop"] is None else f"step {r['stop'].step}"
+        lines.append(f"| {r['variant']} | {skip} | {'on' if r['spectral_reg'] else 'off'} | {warmup} "
+                     f"| {value(r['first_nonfinite'], 'step {}')} | {r['skipped']} "
+                     f"| {value(r['max_grad_norm'], '{:.3g}')} | {value(r['val_elbo'], '{:.2f}')} | {stop} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out: Path, title: str) -> None:
+    """Negative training ELBO and gradient norm per step, one line per variant; a dotted
+    vertical line marks a variant's first non-finite loss."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 6))
+    loss_axes, norm_axes = figure.subplots(2, 1, sharex=True)
+    for r, style in zip(rows, itertools.cycle(["-", "--", "-.", ":"])):
+        (line,) = loss_axes.plot(r["step"], r["neg_elbo"], style, linewidth=0.9, label=r["variant"])
+        norm_axes.plot(r["step"], r["grad_norm"], style, linewidth=0.9, color=line.get_color())
+        if r["first_nonfinite"] is not None:
+            loss_axes.axvline(r["first_nonfinite"], color=line.get_color(), linestyle=":")
+    loss_axes.set_yscale("log")
+    loss_axes.set_ylabel("−ELBO per image, training batch")
+    loss_axes.set_title(title, fontsize=9)
+    loss_axes.legend(fontsize=8)
+    norm_axes.set_yscale("log")
+    norm_axes.set_ylabel("gradient norm (before clipping)")
+    norm_axes.set_xlabel("training step")
+    for axes in (loss_axes, norm_axes):
+        axes.grid(alpha=0.3, which="both")
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate of every variant")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides, every variant")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data root (default $PYRO_HVAE_DATA)")
+    parser.add_argument("--runs", type=Path, help="keep the run folders here (default: a temporary folder)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, help="the figure (PNG)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = args.runs or Path(tmp)
+        rows = []
+        for variant in args.variants:
+            overrides = variant_overrides(variant, steps=args.steps, batch=args.batch, lr=args.lr,
+                                          data_root=args.data, extra=args.set)
+            start = time.perf_counter()
+            trainer = build_trainer(overrides, runs / variant, args.device)
+            stop = train(trainer)
+            rows.append(summarize(variant, trainer, stop))
+            print(f"{variant}: {time.perf_counter() - start:.0f} s" + (f", stopped: {stop.reason}" if stop else ""),
+                  flush=True)
+    cfg = trainer.cfg
+    model = cfg.model
+    settings = (f"{trainer.vae.model.num_layers} latent groups (scales {model.scales} x {model.groups_per_scale}), "
+                f"widths {model.widths}",
+                f"batch {args.batch}, {args.steps} steps, {cfg.optim.name} lr {args.lr:g}, "
+                f"grad clip {cfg.train.grad_clip}, seed {cfg.seed}")
+    print(f"\n{'; '.join(settings)}\n\n{table(rows)}")
+    if args.out:
+        plot(rows, args.out, "\n".join(settings))
+        print(f"\n{args.out}")
+
+
+if __name__ == "__main__":
+    main()
