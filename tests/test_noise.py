@@ -51,8 +51,9 @@ def test_values_are_loc_plus_scale_times_the_rows_of_the_global_noise():
 
 
 def test_the_noise_is_standard_normal():
-    """Rows 10,000..19,999 of a global batch of 20,000, 2 units each: ``(z - loc) / scale`` has mean 0 and variance 1 within four
-    standard errors, and no correlation between units or rows."""
+    """Rows 10,000..19,999 of a global batch of 20,000, 2 units each: ``(z - loc) / scale``
+    has mean 0 and variance 1 within four standard errors, and no correlation between
+    units or rows."""
     loc, scale = torch.full((10_000, 2), 3.0), torch.full((10_000, 2), 0.5)
 
     def program():
