@@ -87,9 +87,15 @@ def _warn_if_training(*programs: Callable) -> None:
         )
 
 
+def _has_density(msg: dict) -> bool:
+    """Whether a site enters the log weights: a sample site, neither a plate's subsample
+    nor a ``pyro.deterministic`` one."""
+    return msg["type"] == "sample" and not site_is_subsample(msg) and not msg["infer"].get("_deterministic")
+
+
 def _sample_sites(trace: Trace):
     for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site["infer"].get("_deterministic"):
+        if _has_density(site):
             yield name, site
 
 
@@ -205,12 +211,6 @@ def _log_weights(
     sites = [[site for _, site in _sample_sites(trace)] for trace in (model_trace, guide_trace)]
     terms = [[_site_log_density(site["fn"], site, particle_dim, data_plate) for site in each] for each in sites]
     return _sum_log_densities(*terms, _weights_shape((sites[1] or sites[0])[-1], data_plate))
-
-
-def _has_density(msg: dict) -> bool:
-    """Whether a site enters the log weights: a sample site, neither a plate's subsample
-    nor a ``pyro.deterministic`` one (the sites :func:`_sample_sites` of a pruned trace yields)."""
-    return msg["type"] == "sample" and not site_is_subsample(msg) and not msg["infer"].get("_deterministic")
 
 
 class _LogDensities:
