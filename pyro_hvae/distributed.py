@@ -105,6 +105,12 @@ class World:
         follow each other, cover every item once and differ in size by at most one."""
         return range(self.rank * count // self.size, (self.rank + 1) * count // self.size)
 
+    def batches(self, count: int, size: int) -> list[tuple[int, range]]:
+        """This rank's share (:meth:`shard`) of the batches of ``size`` consecutive items
+        that ``count`` items make, the last one shorter: ``(batch number, its items)`` each."""
+        total = -(-count // size)
+        return [(b, range(b * size, min((b + 1) * size, count))) for b in self.shard(total)]
+
     def seed(self, seed: int) -> int:
         """The seed of this rank's random stream: ``seed`` itself on rank 0 (so that one
         process draws as before), a 32-bit seed derived from it and the rank elsewhere

@@ -298,12 +298,11 @@ def _per_image(
     columns: dict[str, list[torch.Tensor]] = {}
     means: dict[str, list[torch.Tensor]] = {}
     unit_kl: dict[str, list[torch.Tensor]] = {}
-    starts = range(0, len(dataset), batch_size)
-    mine = [starts[b] for b in world.shard(len(starts))]
-    with _Progress(sum(min(batch_size, len(dataset) - start) for start in mine), quiet=not world.is_main) as progress:
-        for start in mine:
-            pyro.set_rng_seed(batch_seed(seed, start // batch_size))
-            x = dataset.batch(torch.arange(start, min(start + batch_size, len(dataset)))).to(device)
+    mine = world.batches(len(dataset), batch_size)
+    with _Progress(sum(len(rows) for _, rows in mine), quiet=not world.is_main) as progress:
+        for number, rows in mine:
+            pyro.set_rng_seed(batch_seed(seed, number))
+            x = dataset.batch(torch.arange(rows.start, rows.stop)).to(device)
             model_trace, guide_trace = get_traces(vae.model, vae.guide, x)
             observed = model_trace.nodes[hierarchy.observed_site]
             data_dim = _find_frame(observed, hierarchy.data_plate).dim

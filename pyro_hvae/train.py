@@ -582,10 +582,9 @@ def evaluate_elbo(
     elbo = HierarchicalELBO(analytic_kl=uses_analytic_kl(cfg, hierarchy), max_plate_nesting=hierarchy.max_plate_nesting)
     totals: dict[str, float] = {"elbo": 0.0, "reconstruction": 0.0, "iw": 0.0}
     K = cfg.train.val_num_samples
-    size = cfg.data.eval_batch_size
-    for batch in world.shard(math.ceil(len(dataset) / size)):
-        torch.manual_seed(batch_seed(seed, batch))
-        x = dataset.batch(torch.arange(batch * size, min((batch + 1) * size, len(dataset)))).to(device)
+    for number, rows in world.batches(len(dataset), cfg.data.eval_batch_size):
+        torch.manual_seed(batch_seed(seed, number))
+        x = dataset.batch(torch.arange(rows.start, rows.stop)).to(device)
         elbo.differentiable_loss(vae.model, vae.guide, x)
         n = x.shape[0]
         totals["elbo"] += float(elbo.terms["elbo"]) * n

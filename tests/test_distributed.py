@@ -287,6 +287,8 @@ def test_one_process_world_shares_and_refuses_as_documented():
     shares = [World(rank, 3).shard(7) for rank in range(3)]
     assert [i for share in shares for i in share] == list(range(7)) and [len(s) for s in shares] == [2, 2, 3]
     assert [World(rank, 2).batch_rows(16) for rank in range(2)] == [slice(0, 8), slice(8, 16)]
+    # 8 items in batches of 3 (the last of 2), numbered as one process numbers them
+    assert [World(rank, 2).batches(8, 3) for rank in range(2)] == [[(0, range(0, 3))], [(1, range(3, 6)), (2, range(6, 8))]]
     assert World(1, 2).seed(5) != 5
     with pytest.raises(ConfigError, match=r"data.batch_size: 6 images do not split evenly over 4 processes .*\(e.g. 4 or 8\)"):
         World(0, 4).batch_rows(6)
