@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import tempfile
@@ -48,6 +47,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from pyro_hvae.config import Config, load_config
+from pyro_hvae.run import read_metrics
 from pyro_hvae.train import Trainer, TrainingError
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "mnist_conv.yaml"
@@ -115,8 +115,7 @@ def train(trainer: Trainer) -> Optional[Stop]:
 def summarize(variant: str, trainer: Trainer, stop: Optional[Stop]) -> dict:
     """One row of the table, from the run folder's ``metrics.jsonl``, and the skipped
     updates from the trainer (whose last step, when it stopped the run, has no record)."""
-    lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
+    records = read_metrics(trainer.run_dir / "metrics.jsonl")
     steps = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     nonfinite = [r["step"] for r in steps if not math.isfinite(r["loss"])]

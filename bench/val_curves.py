@@ -18,19 +18,18 @@ comparison.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-
 from matplotlib.figure import Figure
+
+from pyro_hvae.run import read_metrics
 
 
 def eval_records(run_dir: Path) -> list[dict]:
     """The validation records of a run, in step order."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
+    records = read_metrics(run_dir / "metrics.jsonl")
     return sorted((r for r in records if r.get("kind") == "eval"), key=lambda r: r["step"])
 
 
