@@ -19,6 +19,11 @@ compressed to ``--steps``: the KL warm-up, the spectral weight's decay and the
 learning-rate warm-up each last the same fraction of the run as in the config (1000,
 1000 and 100 of 5000 steps), then the cosine decay to ``optim.min_lr``.
 
+``--no-depth-scaling`` runs every variant without the initialisation's depth scaling
+(:func:`undo_depth_scaling`): the residual branches of the cells at full weight and the
+layers that feed the top-down state at their default initial weights, so that the
+model starts as it would without it and what the three stabilizers hold can show.
+
 Every step is logged (``train.log_every=1``), and the validation split evaluated once,
 at the end. Per variant, from the run folder's ``metrics.jsonl``: the first step whose
 training loss is not finite, the largest gradient norm (of the per-image loss, before
@@ -46,7 +51,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from pyro_hvae.cells import DecoderCell, EncoderCell
 from pyro_hvae.config import Config, load_config
+from pyro_hvae.models.conv_ladder import ConvTopDownModel, LatentGroup
 from pyro_hvae.run import read_metrics
 from pyro_hvae.train import Trainer, TrainingError
 
@@ -93,6 +100,33 @@ def build_trainer(overrides: list[str], run_dir: Path, device: str = "cpu") -> T
     cfg = load_config(CONFIG, overrides)
     run_dir.mkdir(parents=True)
     return Trainer(cfg, run_dir, device=torch.device(device), overrides=overrides)
+
+
+@torch.no_grad()
+def undo_depth_scaling(vae: torch.nn.Module) -> None:
+    """Undo the conv ladder's depth scaling of its initialisation, in place: every cell's
+    residual branch at full weight (``residual_scale = 1``), and the layers whose initial
+    weights were multiplied by ``sqrt(1 / L)`` (each group's projection of ``z``, the
+    output layer of each up-sampling block) multiplied back by ``sqrt(L)``."""
+    top_down = next(m for m in vae.modules() if isinstance(m, ConvTopDownModel))
+    undo = math.sqrt(top_down.num_layers)
+    for module in vae.modules():
+        if isinstance(module, (EncoderCell, DecoderCell)):
+            module.residual_scale = 1.0
+        if isinstance(module, LatentGroup):
+            module.project.conv.weight.mul_(undo)
+    for scale in top_down.scales:
+        if not isinstance(scale.enter, torch.nn.Identity):
+            scale.enter[-1].net[-1].weight.mul_(undo)
+
+
+def without_depth_scaling(trainer: Trainer) -> Trainer:
+    """The trainer, its weights and their EMA (a copy of the initial weights) without the
+    depth scaling of the initialisation."""
+    undo_depth_scaling(trainer.vae)
+    if trainer.ema is not None:
+        undo_depth_scaling(trainer.ema.shadow)
+    return trainer
 
 
 class Stop(NamedTuple):
@@ -193,6 +227,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data root (default $PYRO_HVAE_DATA)")
     parser.add_argument("--runs", type=Path, help="keep the run folders here (default: a temporary folder)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-depth-scaling", action="store_true",
+                        help="start every variant without the initialisation's depth scaling")
     parser.add_argument("--out", type=Path, help="the figure (PNG)")
     args = parser.parse_args()
 
@@ -204,6 +240,8 @@ def main() -> None:
                                           data_root=args.data, extra=args.set)
             start = time.perf_counter()
             trainer = build_trainer(overrides, runs / variant, args.device)
+            if args.no_depth_scaling:
+                without_depth_scaling(trainer)
             stop = train(trainer)
             rows.append(summarize(variant, trainer, stop))
             print(f"{variant}: {time.perf_counter() - start:.0f} s" + (f", stopped: {stop.reason}" if stop else ""),
@@ -213,7 +251,8 @@ def main() -> None:
     settings = (f"{trainer.vae.model.num_layers} latent groups (scales {model.scales} x {model.groups_per_scale}), "
                 f"widths {model.widths}",
                 f"batch {args.batch}, {args.steps} steps, {cfg.optim.name} lr {args.lr:g}, "
-                f"grad clip {cfg.train.grad_clip}, seed {cfg.seed}")
+                f"grad clip {cfg.train.grad_clip}, seed {cfg.seed}"
+                + (", no depth scaling" if args.no_depth_scaling else ""))
     print(f"\n{'; '.join(settings)}\n\n{table(rows)}")
     if args.out:
         plot(rows, args.out, "\n".join(settings))

@@ -148,3 +148,24 @@ def test_main_prints_a_row_per_variant_and_draws_the_figure(bench, data_root, tm
     assert all(r.endswith("| — |") for r in rows)  # three steps: nothing stops
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(bench.VARIANTS)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_undo_depth_scaling_restores_the_unscaled_initialisation(bench, data_root, tmp_path):
+    # two scales (an up-sampling block between them) and 3 groups: the scaled layers start at sqrt(1 / 3)
+    two_scales = [*TINY, "model.scales=[14,7]", "model.groups_per_scale=[1,2]"]
+    overrides = bench.variant_overrides("all", steps=2, batch=4, lr=1e-2, data_root=data_root, extra=two_scales)
+    trainer = bench.build_trainer(overrides, tmp_path / "run")
+    before = {k: v.clone() for k, v in trainer.vae.state_dict().items()}
+    bench.without_depth_scaling(trainer)
+    after = trainer.vae.state_dict()
+    changed = sorted(k for k in after if not torch.equal(after[k], before[k]))
+    assert len([k for k in changed if k.endswith(".project.conv.weight")]) == 3  # every group's projection of z
+    assert len([k for k in changed if ".enter." in k]) == 1  # the up-sampling block's output layer
+    assert len(changed) == 4
+    for k in changed:
+        torch.testing.assert_close(after[k], before[k] * math.sqrt(3))
+    scales = [m.residual_scale for m in trainer.vae.modules() if isinstance(m, (bench.EncoderCell, bench.DecoderCell))]
+    assert len(scales) > 3 and set(scales) == {1.0}
+    shadow = trainer.ema.shadow.state_dict()
+    assert all(torch.equal(shadow[k], after[k]) for k in after)
+    assert all(m.residual_scale == 1.0 for m in trainer.ema.shadow.modules() if hasattr(m, "residual_scale"))
