@@ -11,7 +11,9 @@ Per image of the chosen split it computes
   (:func:`~pyro_hvae.infer.iw.log_likelihood`), with the Pareto ``k-hat`` and the
   Kish effective sample size of its ``K`` weights;
 * the KL of each latent layer and of each of its units, and the posterior means
-  behind the marginal active-unit counts.
+  behind the marginal active-unit counts, from ``marginal_samples`` guide samples per
+  image (100; 0 skips them: for a conv ladder they cost about as much as ``K = 100``
+  importance samples, and the counts are then null).
 
 A unit is *active* when it carries information of its own: its conditional KL
 ``KL(q(z_l,d | z_>l, x) || p(z_l,d | z_>l))``, averaged over the images, exceeds
@@ -110,6 +112,7 @@ def evaluate_checkpoint(
     device: torch.device = torch.device("cpu"),
     force: bool = False,
     memory_budget: int | None = None,
+    marginal_samples: int = 100,
     world: World = World(),
 ) -> dict[str, Any]:
     """Evaluate a run folder (its ``best.pt``, else ``last.pt``) or a ``.pt`` checkpoint.
@@ -131,6 +134,8 @@ def evaluate_checkpoint(
     :param force: overwrite results already in the output folder.
     :param memory_budget: bytes the samples of one pass may take when the chunk size is
         chosen here (default :func:`default_memory_budget` of ``device``).
+    :param marginal_samples: guide samples per image behind the marginal active-unit
+        counts (at least 2), or 0 to skip them (``active_units_marginal`` is then null).
     :param world: this process's place under torchrun (default: the single process). Every
         rank returns the results; rank 0 writes them.
     :returns: the contents of ``results.json``; its ``"results"`` entry is its path.
@@ -142,6 +147,8 @@ def evaluate_checkpoint(
         ):
             if value is not None and value < 1:
                 raise RunError(f"{flag} must be >= 1, got {value}; pass a positive number or leave it out for the run's eval default")
+        if marginal_samples < 0 or marginal_samples == 1:
+            raise RunError(f"--marginal-samples must be 0 (skip the marginal counts) or at least 2, got {marginal_samples}")
         if split not in (None, "test", "val"):
             raise RunError(f"--split must be 'test' or 'val', got {split!r}; the training split is never evaluated")
         path = _checkpoint_path(Path(target))
@@ -169,8 +176,9 @@ def evaluate_checkpoint(
             first = dataset.batch(torch.arange(min(batch_size, len(dataset)))).to(device)
             budget = default_memory_budget(device) if memory_budget is None else memory_budget
             chunk_size = world.min(fitting_chunk_size(vae, first, K, budget))  # the same on every rank
-        per_image, means, unit_kl = _per_image(
-            vae, hierarchy, dataset, K, chunk_size, batch_size, uses_analytic_kl(cfg, hierarchy), device, seed, world
+        per_image, means, unit_kl, units = _per_image(
+            vae, hierarchy, dataset, K, chunk_size, batch_size, uses_analytic_kl(cfg, hierarchy), device, seed,
+            marginal_samples, world,
         )
 
     sites = [name for name in per_image if name.startswith("kl_")]
@@ -183,11 +191,11 @@ def evaluate_checkpoint(
     threshold = khat_threshold(K) if K > 1 else None
     kl_per_layer = {name[3:]: float(per_image[name].mean()) for name in sites}
     active = {
-        name: [active_units(unit_kl[name])[0] if name in unit_kl else None, means[name].shape[-1]]
+        name: [active_units(unit_kl[name])[0] if name in unit_kl else None, units[name]]
         for name in hierarchy.latent_sites
     }
     marginal = {
-        name: [active_units_marginal(means[name][0], mc_variance=means[name][1])[0], means[name].shape[-1]]
+        name: [active_units_marginal(means[name][0], mc_variance=means[name][1])[0] if means else None, units[name]]
         for name in hierarchy.latent_sites
     }
     results = {
@@ -202,6 +210,7 @@ def evaluate_checkpoint(
         "chunk_size": chunk_size,
         "batch_size": batch_size,
         "seed": seed,
+        "marginal_samples": marginal_samples,
         "device": str(device),
         "processes": world.size,
         "data": splits.describe(),
@@ -288,11 +297,13 @@ def _per_image(
     analytic: bool,
     device: torch.device,
     seed: int,
+    marginal_samples: int,
     world: World,
-) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, int]]:
     """Per-image arrays (see the module docstring) and, per latent site, the stacked
-    ``[2, N, D]`` Monte Carlo posterior means and their noise variances, and the
-    ``[N, D]`` KL of each unit (sites with a per-unit KL only). Batch ``b`` draws its
+    ``[2, N, D]`` Monte Carlo posterior means and their noise variances from
+    ``marginal_samples`` guide samples (none when 0), the ``[N, D]`` KL of each unit
+    (sites with a per-unit KL only) and the number ``D`` of units. Batch ``b`` draws its
     samples from the seed derived from ``seed`` and ``b``; this rank computes its share
     of the batches, and every rank returns the values of all of them, in file order."""
     columns: dict[str, list[torch.Tensor]] = {}
@@ -331,8 +342,12 @@ def _per_image(
                 columns.setdefault(key, []).append(value.detach().cpu())
             for name, kl_units in kl_per_unit(model_trace, guide_trace, analytic=analytic, data_plate=hierarchy.data_plate).items():
                 unit_kl.setdefault(name, []).append(kl_units.cpu())
-            for name, (mean, noise) in posterior_moments(vae.model, vae.guide, [x], data_plate=hierarchy.data_plate).items():
-                means.setdefault(name, []).append(torch.stack([mean, noise]).cpu())
+            if marginal_samples:
+                moments = posterior_moments(
+                    vae.model, vae.guide, [x], data_plate=hierarchy.data_plate, num_samples=marginal_samples
+                )
+                for name, (mean, noise) in moments.items():
+                    means.setdefault(name, []).append(torch.stack([mean, noise]).cpu())
             progress.update(x.shape[0])
     if world.is_distributed:  # every rank's batches, in rank order: file order
         shares = world.gather((columns, means, unit_kl))
@@ -343,7 +358,15 @@ def _per_image(
         per_image,
         {name: torch.cat(values, dim=1) for name, values in means.items()},
         {name: torch.cat(values) for name, values in unit_kl.items()},
+        _units(vae, hierarchy, dataset.batch(torch.arange(1)).to(device)),
     )
+
+
+def _units(vae: torch.nn.Module, hierarchy: Hierarchy, x: torch.Tensor) -> dict[str, int]:
+    """The units of each latent site per image (its event and non-data batch dims), from
+    one guide pass on the single image ``x``; run after the seeded draws."""
+    _, guide_trace = get_traces(vae.model, vae.guide, x)
+    return {name: guide_trace.nodes[name]["value"].numel() for name in hierarchy.latent_sites}
 
 
 def _joined(parts: list[dict[str, list]]) -> dict[str, list]:

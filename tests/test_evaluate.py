@@ -18,7 +18,7 @@ from pyro_hvae.train import Trainer
 K = 50
 SUMMARY_KEYS = {
     "checkpoint", "checkpoint_kind", "step", "ema", "split", "num_images", "first_images_only", "num_samples", "chunk_size",
-    "batch_size", "seed", "device", "processes", "data", "likelihood_of", "num_dims", "elbo", "log_likelihood",
+    "batch_size", "seed", "marginal_samples", "device", "processes", "data", "likelihood_of", "num_dims", "elbo", "log_likelihood",
     "nll_nats", "nll_bits_per_dim",
     "elbo_bits_per_dim", "khat", "ess_fraction", "kl_per_layer", "active_units", "active_units_marginal",
     "active_unit_threshold", "collapsed_layers", "versions", "results",
@@ -126,6 +126,21 @@ def test_first_images_are_those_of_the_whole_split(run_dir, tmp_path):
     shutil.rmtree(run_dir / "eval-val-K3-first10")
 
 
+def test_skipping_the_marginal_samples_changes_only_the_marginal_counts(baseline, run_dir, tmp_path):
+    results, per_image = baseline
+    skipped, skipped_per_image = evaluate(run_dir, tmp_path, "no-marginal", marginal_samples=0)
+    for key, value in per_image.items():  # the marginal samples are drawn after each batch's importance samples
+        np.testing.assert_array_equal(skipped_per_image[key], value, err_msg=key)
+    assert results["marginal_samples"] == 100 and skipped["marginal_samples"] == 0
+    assert results["active_units_marginal"] == {"z_1": [results["active_units_marginal"]["z_1"][0], 8],
+                                                "z_2": [results["active_units_marginal"]["z_2"][0], 4]}
+    assert skipped["active_units_marginal"] == {"z_1": [None, 8], "z_2": [None, 4]}
+    assert skipped["active_units"] == results["active_units"]
+    assert [r["layer"] for r in skipped["collapsed_layers"]] == [r["layer"] for r in results["collapsed_layers"]]
+    fewer, _ = evaluate(run_dir, tmp_path, "few-marginal", marginal_samples=2)
+    assert all(isinstance(fewer["active_units_marginal"][name][0], int) for name in ("z_1", "z_2"))
+
+
 def test_run_without_best_uses_the_ema_of_last(baseline, run_dir, tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
@@ -231,6 +246,7 @@ def _truncated(path, run_dir):
         ("zero_batch", "--batch-size must be >= 1, got 0"),
         ("zero_images", "--images must be >= 1, got 0"),
         ("too_many_images", "--images 101 is more than the 100 images of the val split; pass at most 100"),
+        ("one_marginal_sample", "--marginal-samples must be 0 (skip the marginal counts) or at least 2, got 1"),
         ("foreign", "is not a pyro-hvae checkpoint"),
         ("truncated", "truncated, corrupt"),
         ("missing", "does not exist"),
@@ -243,6 +259,8 @@ def test_cli_bad_input_is_one_error_line(case, message, run_dir, tmp_path):
         extra = ["--num-samples", "0"]
     elif case == "zero_batch":
         extra = ["--batch-size", "0"]
+    elif case == "one_marginal_sample":
+        extra = ["--marginal-samples", "1"]
     elif case in ("zero_images", "too_many_images"):
         extra = ["--images", "0" if case == "zero_images" else "101"]
     elif case == "foreign":

@@ -226,7 +226,7 @@ def _units(fn: Distribution) -> Optional[Distribution]:
 def collapsed_layers(
     kl_per_layer: Dict[str, float],
     active: Dict[str, Sequence[Optional[int]]],
-    marginal: Dict[str, Sequence[int]],
+    marginal: Dict[str, Sequence[Optional[int]]],
     threshold: float = ACTIVE_UNIT_THRESHOLD,
 ) -> List[dict]:
     """
@@ -237,7 +237,8 @@ def collapsed_layers(
 
     :param kl_per_layer: mean KL of each layer.
     :param active: ``(count or None, units)`` of :func:`active_units` per layer.
-    :param marginal: ``(count, units)`` of :func:`active_units_marginal` per layer.
+    :param marginal: ``(count, units)`` of :func:`active_units_marginal` per layer
+        (count None: not computed).
     """
     report = []
     for name, kl in kl_per_layer.items():
@@ -250,7 +251,7 @@ def collapsed_layers(
             why = f"none of its {units} units carries {threshold:g} nats of KL of its own (layer KL {kl:.3g} nats)"
         else:
             continue
-        if marginal[name][0] > 0:
+        if marginal[name][0]:
             why += f"; the marginal means of {marginal[name][0]} of them vary only with the layers above"
         report.append(
             {"layer": name, "kl": kl, "active_units": count, "active_units_marginal": marginal[name][0],
