@@ -145,7 +145,7 @@ def _training_config(args, out, resume, force):
 @click.option("--batch-size", type=int, default=None, help="Images per batch (default: the run's eval.batch_size).")
 @click.option("--chunk-size", type=int, default=None, help="Importance samples per forward pass (default: the run's eval.chunk_size, else the most that fit in 1 GiB on CPU or half the free GPU memory).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the importance samples.")
-@click.option("--marginal-samples", type=int, default=100, show_default=True, help="Guide samples per image behind the marginal active-unit counts; 0 skips them (they cost a conv ladder about as much as K = 100).")
+@click.option("--marginal-samples", type=int, default=100, show_default=True, help="Guide samples per image behind the marginal active-unit counts; 0 skips them (on a conv ladder they cost more than K = 100 importance samples).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="results.json path (default: RUN_DIR/eval-<split>-K<K>[-first<N>]/results.json).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite existing results.")

@@ -12,7 +12,7 @@ Per image of the chosen split it computes
   Kish effective sample size of its ``K`` weights;
 * the KL of each latent layer and of each of its units, and the posterior means
   behind the marginal active-unit counts, from ``marginal_samples`` guide samples per
-  image (100; 0 skips them: for a conv ladder they cost about as much as ``K = 100``
+  image (100; 0 skips them: for a conv ladder they cost more than ``K = 100``
   importance samples, and the counts are then null).
 
 A unit is *active* when it carries information of its own: its conditional KL
