@@ -40,16 +40,16 @@ class Evaluation:
 
     @classmethod
     def read(cls, folder: Path) -> "Evaluation":
-        per_image = np.load(folder / "per_example.npz")
         results = json.loads((folder / "results.json").read_text())
-        return cls(
-            folder,
-            per_image["index"],
-            -per_image["log_likelihood"],
-            per_image["elbo"],
-            per_image["khat"],
-            results["khat"]["threshold"],
-        )
+        with np.load(folder / "per_example.npz") as per_image:
+            return cls(
+                folder,
+                per_image["index"],
+                -per_image["log_likelihood"],
+                per_image["elbo"],
+                per_image["khat"],
+                results["khat"]["threshold"],
+            )
 
     def khat_summary(self) -> str:
         """Mean k-hat and, in brackets, the share of images above the threshold."""
