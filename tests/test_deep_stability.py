@@ -39,7 +39,8 @@ def test_each_variant_switches_off_its_stabilizers_and_nothing_else(bench, data_
     switches = {v: (c.train.skip_factor, c.train.spectral_reg is not None, c.train.kl_warmup_steps)
                 for v, c in configs.items()}
     assert switches == {"all": (10.0, True, 40), "no_skip": (None, True, 40), "no_spectral": (10.0, False, 40),
-                        "no_warmup": (10.0, True, 0), "none": (None, False, 0)}
+                        "no_warmup": (10.0, True, 0), "none": (None, False, 0), "only_skip": (10.0, False, 0),
+                        "only_spectral": (None, True, 0), "only_warmup": (None, False, 40)}
     deep = configs["all"].model
     assert (deep.scales, deep.groups_per_scale, deep.latent_channels, deep.widths) == ([14, 7], [6, 24], 4, 16)
     for c in configs.values():
@@ -144,9 +145,9 @@ def test_main_prints_a_row_per_variant_and_draws_the_figure(bench, data_root, tm
     bench.main()
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if line.startswith("| ")][1:]
-    assert [r.split(" | ")[0] for r in rows] == [f"| {v}" for v in bench.VARIANTS]
+    assert [r.split(" | ")[0] for r in rows] == [f"| {v}" for v in bench.DEFAULT_VARIANTS]
     assert all(r.endswith("| — |") for r in rows)  # three steps: nothing stops
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(bench.VARIANTS)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(bench.DEFAULT_VARIANTS)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
