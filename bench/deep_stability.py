@@ -37,6 +37,11 @@ variant (the ELBO without the KL weight and the penalty, so that the variants co
 
     PYRO_HVAE_DATA=../shared/data OMP_NUM_THREADS=1 python bench/deep_stability.py \\
         --steps 200 --batch 32 --lr 1e-2 --out docs/figures/deep_stability.png
+
+Variants can train in separate processes, one per core: give each the same ``--runs
+RUNS`` and its own ``--variants`` name; then ``--from-runs RUNS --variants ...`` trains
+nothing and prints the table and draws the figure from the kept folders. Runs of 500
+steps or more are drawn per window of a 250th of the run.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
 from pyro_hvae.cells import DecoderCell, EncoderCell
@@ -157,20 +163,38 @@ def summarize(variant: str, trainer: Trainer, stop: Optional[Stop]) -> dict:
     """One row of the table, from the run folder's ``metrics.jsonl``, and the skipped
     updates from the trainer (whose last step, when it stopped the run, has no record)."""
     records = read_metrics(trainer.run_dir / "metrics.jsonl")
+    return row(variant, trainer.cfg, records, trainer.skipper.skipped, stop)
+
+
+def summarize_folder(variant: str, run_dir: Path) -> dict:
+    """One row of the table from a kept run folder alone (a variant trained by another
+    process): its ``config.yaml`` and ``metrics.jsonl``. The skipped updates are those of
+    its last logged step, and a run whose records end before its schedule does is reported
+    stopped at the step after its last record (the trainer's reason is not in the folder)."""
+    cfg = load_config(run_dir / "config.yaml")
+    metrics = run_dir / "metrics.jsonl"  # none when the trainer stopped the first step
+    records = read_metrics(metrics) if metrics.is_file() else []
+    steps = [r for r in records if r["kind"] == "train"]
+    last = steps[-1]["step"] if steps else 0
+    stop = None if last == cfg.train.steps else Stop(last + 1, "the records end before the schedule")
+    return row(variant, cfg, records, steps[-1]["skipped_updates"] if steps else 0, stop)
+
+
+def row(variant: str, cfg: Config, records: list[dict], skipped: int, stop: Optional[Stop]) -> dict:
+    """One row of the table: the variant's switches, what its records say, and its curves."""
     steps = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     nonfinite = [r["step"] for r in steps if not math.isfinite(r["loss"])]
     if stop is not None and stop.step == 1:
         nonfinite = [1]  # the trainer stops on a non-finite (or invalid) first step before logging it
     norms = [r["grad_norm"] for r in steps if not math.isnan(r["grad_norm"])]
-    cfg = trainer.cfg.train
     return {
         "variant": variant,
-        "skip_factor": cfg.skip_factor,
-        "spectral_reg": cfg.spectral_reg is not None and cfg.spectral_reg.enabled,
-        "kl_warmup_steps": cfg.kl_warmup_steps,
+        "skip_factor": cfg.train.skip_factor,
+        "spectral_reg": cfg.train.spectral_reg is not None and cfg.train.spectral_reg.enabled,
+        "kl_warmup_steps": cfg.train.kl_warmup_steps,
         "first_nonfinite": nonfinite[0] if nonfinite else None,
-        "skipped": trainer.skipper.skipped,
+        "skipped": skipped,
         "max_grad_norm": max(norms) if norms else None,
         "val_elbo": evals[-1]["val_elbo"] if stop is None and evals else None,
         "stop": stop,
@@ -198,30 +222,72 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def windowed(row: dict, width: int) -> tuple[list, list, list]:
+    """A row's curves per window of ``width`` steps, at each window's last step: the mean
+    of its losses and the largest of its gradient norms (the row's own curves for 1)."""
+    if width == 1:
+        return row["step"], row["neg_elbo"], row["grad_norm"]
+    ends = range(width, len(row["step"]) + 1, width)
+    loss, norm = np.asarray(row["neg_elbo"]), np.asarray(row["grad_norm"])
+    return ([row["step"][end - 1] for end in ends], [loss[end - width:end].mean() for end in ends],
+            [np.fmax.reduce(norm[end - width:end]) for end in ends])
+
+
 def plot(rows: list[dict], out: Path, title: str) -> None:
     """Negative training ELBO and gradient norm per step, one line per variant; a dotted
-    vertical line marks a variant's first non-finite loss."""
+    vertical line marks a variant's first non-finite loss. Runs of 500 steps or more are
+    drawn per window of a 250th of the run (the mean loss and largest norm of each)."""
     from matplotlib.figure import Figure
 
+    width = max(1, max(len(r["step"]) for r in rows) // 250)
     figure = Figure(figsize=(7, 6))
     loss_axes, norm_axes = figure.subplots(2, 1, sharex=True)
     for r, style in zip(rows, itertools.cycle(["-", "--", "-.", ":"])):
-        (line,) = loss_axes.plot(r["step"], r["neg_elbo"], style, linewidth=0.9, label=r["variant"])
-        norm_axes.plot(r["step"], r["grad_norm"], style, linewidth=0.9, color=line.get_color())
+        step, neg_elbo, grad_norm = windowed(r, width)
+        (line,) = loss_axes.plot(step, neg_elbo, style, linewidth=0.9, label=r["variant"])
+        norm_axes.plot(step, grad_norm, style, linewidth=0.9, color=line.get_color())
         if r["first_nonfinite"] is not None:
             loss_axes.axvline(r["first_nonfinite"], color=line.get_color(), linestyle=":")
     loss_axes.set_yscale("log")
-    loss_axes.set_ylabel("−ELBO per image, training batch")
+    loss_axes.set_ylabel("−ELBO per image, training batch" + ("" if width == 1 else f",\nmean of {width} steps"))
     loss_axes.set_title(title, fontsize=9)
     loss_axes.legend(fontsize=8)
     norm_axes.set_yscale("log")
-    norm_axes.set_ylabel("gradient norm (before clipping)")
+    norm_axes.set_ylabel("gradient norm (before clipping)" + ("" if width == 1 else f",\nlargest of {width} steps"))
     norm_axes.set_xlabel("training step")
     for axes in (loss_axes, norm_axes):
         axes.grid(alpha=0.3, which="both")
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120)
+
+
+def describe(cfg: Config, no_depth_scaling: bool) -> tuple[str, str]:
+    """The model and the training settings of a variant's config, for the table and figure."""
+    model = cfg.model
+    return (f"{sum(model.groups_per_scale)} latent groups (scales {model.scales} x {model.groups_per_scale}), "
+            f"widths {model.widths}",
+            f"batch {cfg.data.batch_size}, {cfg.train.steps} steps, {cfg.optim.name} lr {cfg.optim.lr:g}, "
+            f"grad clip {cfg.train.grad_clip}, seed {cfg.seed}" + (", no depth scaling" if no_depth_scaling else ""))
+
+
+def train_variants(args: argparse.Namespace) -> tuple[list[dict], Config]:
+    """Train each variant of ``args`` in turn: the rows, and the last variant's config."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = args.runs or Path(tmp)
+        rows = []
+        for variant in args.variants:
+            overrides = variant_overrides(variant, steps=args.steps, batch=args.batch, lr=args.lr,
+                                          data_root=args.data, extra=args.set)
+            start = time.perf_counter()
+            trainer = build_trainer(overrides, runs / variant, args.device)
+            if args.no_depth_scaling:
+                without_depth_scaling(trainer)
+            stop = train(trainer)
+            rows.append(summarize(variant, trainer, stop))
+            print(f"{variant}: {time.perf_counter() - start:.0f} s" + (f", stopped: {stop.reason}" if stop else ""),
+                  flush=True)
+    return rows, trainer.cfg
 
 
 def main() -> None:
@@ -237,29 +303,20 @@ def main() -> None:
     parser.add_argument("--no-depth-scaling", action="store_true",
                         help="start every variant without the initialisation's depth scaling")
     parser.add_argument("--out", type=Path, help="the figure (PNG)")
+    parser.add_argument("--from-runs", type=Path, metavar="RUNS",
+                        help="train nothing: the table and figure of the variants' folders kept in RUNS by --runs")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = args.runs or Path(tmp)
-        rows = []
-        for variant in args.variants:
-            overrides = variant_overrides(variant, steps=args.steps, batch=args.batch, lr=args.lr,
-                                          data_root=args.data, extra=args.set)
-            start = time.perf_counter()
-            trainer = build_trainer(overrides, runs / variant, args.device)
-            if args.no_depth_scaling:
-                without_depth_scaling(trainer)
-            stop = train(trainer)
-            rows.append(summarize(variant, trainer, stop))
-            print(f"{variant}: {time.perf_counter() - start:.0f} s" + (f", stopped: {stop.reason}" if stop else ""),
-                  flush=True)
-    cfg = trainer.cfg
-    model = cfg.model
-    settings = (f"{trainer.vae.model.num_layers} latent groups (scales {model.scales} x {model.groups_per_scale}), "
-                f"widths {model.widths}",
-                f"batch {args.batch}, {args.steps} steps, {cfg.optim.name} lr {args.lr:g}, "
-                f"grad clip {cfg.train.grad_clip}, seed {cfg.seed}"
-                + (", no depth scaling" if args.no_depth_scaling else ""))
+    if args.from_runs:
+        missing = [v for v in args.variants if not (args.from_runs / v / "config.yaml").is_file()]
+        if missing:
+            parser.error(f"--from-runs {args.from_runs}: no run folder of {', '.join(missing)} in it; "
+                         "name the variants it holds with --variants")
+        rows = [summarize_folder(variant, args.from_runs / variant) for variant in args.variants]
+        cfg = load_config(args.from_runs / args.variants[0] / "config.yaml")
+    else:
+        rows, cfg = train_variants(args)
+    settings = describe(cfg, args.no_depth_scaling)
     print(f"\n{'; '.join(settings)}\n\n{table(rows)}")
     if args.out:
         plot(rows, args.out, "\n".join(settings))

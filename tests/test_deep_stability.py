@@ -2,9 +2,12 @@
 table's numbers are those of the runs (steps whose batches the test poisons: a finite
 gradient spike, non-finite losses)."""
 
+import json
 import math
+import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 from benches import load_bench
@@ -114,6 +117,40 @@ def test_a_nan_at_the_first_step_is_reported_there(bench, data_root, tmp_path):
     trainer, _, stop, row = run(bench, data_root, "all", tmp_path, 5, {1: math.nan})
     assert stop.step == 1 and "first" in stop.reason
     assert (row["first_nonfinite"], row["val_elbo"], row["step"]) == (1, None, [])
+    kept = bench.summarize_folder("all", trainer.run_dir)
+    assert (kept["stop"].step, kept["first_nonfinite"], kept["val_elbo"], kept["skipped"]) == (1, 1, None, 0)
+
+
+def same_rows(a: dict, b: dict) -> None:
+    curves = ("step", "neg_elbo", "grad_norm")
+    assert {k: v for k, v in a.items() if k not in curves} == {k: v for k, v in b.items() if k not in curves}
+    for curve in curves:
+        np.testing.assert_array_equal(a[curve], b[curve])  # NaN where NaN
+
+
+def test_a_kept_folder_gives_the_row_its_trainer_gave(bench, spiked):
+    for variant, (trainer, _, _, row) in spiked.items():
+        same_rows(bench.summarize_folder(variant, trainer.run_dir), row)
+
+
+def test_a_kept_folder_whose_records_end_early_is_reported_stopped_after_them(bench, spiked, tmp_path):
+    trainer = spiked["all"][0]
+    folder = tmp_path / "all"
+    shutil.copytree(trainer.run_dir, folder)
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["kind"] == "train" and json.loads(line)["step"] <= 28]
+    (folder / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    row = bench.summarize_folder("all", folder)
+    assert (row["stop"].step, row["skipped"], row["val_elbo"], row["step"][-1]) == (29, 1, None, 28)
+
+
+def test_long_runs_are_drawn_per_window(bench):
+    row = {"step": list(range(1, 8)), "neg_elbo": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0],
+           "grad_norm": [5.0, math.nan, 1.0, math.nan, math.nan, math.nan, 9.0]}
+    assert bench.windowed(row, 1) == (row["step"], row["neg_elbo"], row["grad_norm"])
+    steps, loss, norm = bench.windowed(row, 3)  # the last, incomplete window is left out
+    assert steps == [3, 6] and loss == [2.0, 5.0]
+    assert norm[0] == 5.0 and math.isnan(norm[1])
 
 
 @pytest.mark.slow
@@ -149,6 +186,19 @@ def test_main_prints_a_row_per_variant_and_draws_the_figure(bench, data_root, tm
     assert all(r.endswith("| — |") for r in rows)  # three steps: nothing stops
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(bench.DEFAULT_VARIANTS)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the same table again from the kept folders, without training; a variant not kept is an error
+    again = tmp_path / "again.png"
+    monkeypatch.setattr(sys, "argv", ["deep_stability.py", "--from-runs", str(tmp_path / "runs"), "--out", str(again)])
+    bench.main()
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:] == rows
+    assert again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setattr(sys, "argv", ["deep_stability.py", "--from-runs", str(tmp_path / "runs"),
+                                      "--variants", "all", "only_skip"])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == 2
+    assert "no run folder of only_skip in it; name the variants it holds with --variants" in capsys.readouterr().err
 
 
 def test_undo_depth_scaling_restores_the_unscaled_initialisation(bench, data_root, tmp_path):
